@@ -1,0 +1,385 @@
+"""clipdex command line: parses, calls the library, formats. No logic lives here.
+
+Heavy modules (torch, open_clip, faiss, PIL, even SQLAlchemy) are imported inside commands, so
+`clipdex --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+EXIT_PARTIAL = 3  # `index` finished but skipped unreadable files (like rsync's code 23)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clipdex")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class ClipdexGroup(click.Group):
+    """Turns domain errors into one-line messages: usage problems exit 2, failures exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from index.errors import ClipdexError, UsageProblem
+
+        try:
+            return super().invoke(ctx)
+        except UsageProblem as exc:
+            raise click.UsageError(str(exc), ctx) from None
+        except ClipdexError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _library(ctx: click.Context):
+    from index import Library
+
+    obj = ctx.find_root().obj
+    return Library.open(obj["home"], db=obj["db"])
+
+
+def _progress_enabled(ctx: click.Context) -> bool:
+    return not ctx.find_root().obj["quiet"] and sys.stderr.isatty()
+
+
+def _emit_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")(f)
+
+
+def model_options(f: Callable) -> Callable:
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
+                     default="auto", show_default=True,
+                     help="Model precision; auto picks bf16 where the CPU runs it natively.")(f)
+    return click.option(
+        "--model", "-m", envvar="CLIPDEX_MODEL", metavar="SPEC",
+        help="open_clip model: ARCH:TAG (default ViT-B-32:laion2b_s34b_b79k, downloaded once), "
+             "hf-hub:ORG/REPO, local-dir:PATH, ARCH:/path/ckpt.pt, or `tiny` (offline, shipped). "
+             "Fixed by a library's first use.")(f)
+
+
+@click.group(cls=ClipdexGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", "-V", prog_name="clipdex")
+@click.option("--home", type=click.Path(file_okay=False), envvar="CLIPDEX_HOME",
+              help="Library folder [env CLIPDEX_HOME; default: the per-user data dir].")
+@click.option("--db", metavar="URL", envvar="CLIPDEX_DB",
+              help="SQLAlchemy URL of the metadata store [env CLIPDEX_DB; default: SQLite in "
+                   "the library folder].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.pass_context
+def main(ctx: click.Context, home: str | None, db: str | None, quiet: bool) -> None:
+    """clipdex: search photos and captions with CLIP.
+
+    \b
+    Quick start (offline, with the small shipped model):
+      clipdex scenes ~/clipdex-scenes --count 200
+      clipdex index ~/clipdex-scenes --model tiny
+      clipdex captions add ~/clipdex-scenes/captions.jsonl
+      clipdex search "a red circle"
+      clipdex caption ~/clipdex-scenes/scene_00000.jpg
+    Or run everything at once: clipdex demo
+    """
+    ctx.obj = {"home": home, "db": db, "quiet": quiet}
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--count", "-n", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.IntRange(16, 4096), default=224, show_default=True,
+              help="Image side in pixels.")
+@click.option("--holdout", is_flag=True,
+              help="Never draw the colour/shape pairs the tiny model was trained without.")
+@click.pass_context
+def scenes(ctx: click.Context, directory: Path, count: int, seed: int, size: int,
+           holdout: bool) -> None:
+    """Generate COUNT captioned synthetic scenes into DIRECTORY.
+
+    Writes JPEG and PNG images plus captions.jsonl and captions.csv (keys path, caption),
+    deterministically from --seed.
+    """
+    from tqdm import tqdm
+
+    from index.scenes import HOLDOUT, write_scenes
+
+    with tqdm(total=count, unit="img", disable=not _progress_enabled(ctx), file=sys.stderr) as bar:
+        write_scenes(directory, count, seed=seed, size=size,
+                     exclude=HOLDOUT if holdout else (), progress=bar.update)
+    click.echo(f"wrote {count} scenes and captions.jsonl/captions.csv to {directory}")
+
+
+@main.command("index")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@model_options
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip files or folders matching GLOB (relative path or name); repeatable.")
+@click.option("--hidden", "include_hidden", is_flag=True, help="Also index hidden files/folders.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Decoder threads [default: ≤4].")
+@json_option
+@click.pass_context
+def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, precision: str,
+              exclude: tuple[str, ...], include_hidden: bool, workers: int | None,
+              as_json: bool) -> None:
+    """Index the images under PATHS (incremental: only new or changed files are embedded).
+
+    Moved files keep their vectors, vanished files are removed, unreadable files are recorded
+    (see `clipdex failures`) and retried only when they change. Exits 3 when some files failed.
+    """
+    from tqdm import tqdm
+
+    library = _library(ctx)
+    bar = tqdm(total=0, unit="img", disable=not _progress_enabled(ctx), file=sys.stderr,
+               desc="embedding")
+
+    def progress(p) -> None:
+        if bar.total != p.total:
+            bar.total = p.total
+        bar.n = p.done
+        bar.set_postfix({k: v for k, v in p.counts.items() if v}, refresh=True)
+
+    try:
+        report = library.index(paths, model=model, exclude=exclude, precision=precision,
+                               include_hidden=include_hidden, workers=workers, progress=progress)
+    finally:
+        bar.close()
+        library.close()
+    data = report.as_dict()
+    if as_json:
+        _emit_json(data)
+    else:
+        click.echo(
+            f"{report.new} new, {report.changed} changed, {report.unchanged} unchanged, "
+            f"{report.moved} moved, {report.removed} removed, {report.failed} failed"
+            + (f" ({report.skipped_failed} failed before, unchanged)" if report.skipped_failed
+               else "") + f" in {report.seconds:.1f}s")
+        for path, reason in report.failures[:20]:
+            click.echo(f"  failed: {path}: {reason}", err=True)
+        if len(report.failures) > 20:
+            click.echo(f"  … and {len(report.failures) - 20} more (clipdex failures)", err=True)
+    if report.failed:
+        ctx.exit(EXIT_PARTIAL)
+
+
+@main.group()
+def captions() -> None:
+    """Caption collections (CSV/TSV/JSONL/COCO) for image→caption and text→caption search."""
+
+
+@captions.command("add")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["csv", "tsv", "jsonl", "coco"]),
+              help="File format [default: from the file name].")
+@model_options
+@json_option
+@click.pass_context
+def captions_add(ctx: click.Context, file: Path, fmt: str | None, model: str | None,
+                 precision: str, as_json: bool) -> None:
+    """Embed the captions in FILE into the library's caption index.
+
+    CSV/TSV need a header with a caption column (caption/text) and optionally an image column
+    (path/file_name/image); JSONL lines use the same keys; COCO uses images[].file_name and
+    annotations[].caption. Captions whose image is indexed are linked to it. Adding the same
+    file twice adds nothing.
+    """
+    from tqdm import tqdm
+
+    library = _library(ctx)
+    bar = tqdm(total=0, unit="caption", disable=not _progress_enabled(ctx), file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        report = library.add_captions(file, format=fmt, model=model, precision=precision,
+                                      progress=progress)
+    finally:
+        bar.close()
+        library.close()
+    if as_json:
+        _emit_json(report.as_dict())
+        return
+    click.echo(f"{report.added} added, {report.duplicates} duplicates, {report.linked} linked "
+               f"to images, {report.skipped} skipped")
+    for problem in report.problems[:20]:
+        click.echo(f"  skipped: {problem}", err=True)
+
+
+def _print_hits(result, *, as_json: bool, paths_only: bool) -> None:
+    if as_json:
+        _emit_json(result.as_dict())
+        return
+    if paths_only:
+        for hit in result.hits:
+            if hit.path:
+                click.echo(hit.path)
+        return
+    if not result.hits:
+        click.echo("no results", err=True)
+        return
+    for rank, hit in enumerate(result.hits, result.query.offset + 1):
+        if hit.kind == "image":
+            click.echo(f"{rank:>3}  {hit.score:.4f}  {hit.path}")
+        else:
+            linked = f"  [{hit.path}]" if hit.path else ""
+            click.echo(f"{rank:>3}  {hit.score:.4f}  {hit.text}{linked}")
+
+
+def search_options(f: Callable) -> Callable:
+    for decorator in reversed([
+        click.option("--top", "-k", "top", type=int, default=10, show_default=True,
+                     help="Number of results."),
+        click.option("--offset", type=int, default=0, help="Skip this many best results."),
+        click.option("--threshold", type=float, help="Drop results scoring below this cosine."),
+        click.option("--under", type=click.Path(file_okay=False),
+                     help="Only images (or captions of images) below this folder."),
+        click.option("--dedup", is_flag=True, help="Collapse near-identical images."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
+                     default="auto", help="Query encoder precision."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+@main.command()
+@click.argument("text", nargs=-1)
+@click.option("--text", "-t", "texts", multiple=True, metavar="[W:]TEXT",
+              help="Another text term (weighted with a W: prefix); repeatable.")
+@click.option("--image", "-i", "images", multiple=True, metavar="[W:]PATH",
+              help="An image term (image→image, or image→caption with --target captions).")
+@click.option("--not", "negatives", multiple=True, metavar="[W:]TEXT",
+              help="Steer away from TEXT (default weight 0.5); repeatable.")
+@click.option("--target", type=click.Choice(["images", "captions"]), default="images",
+              show_default=True, help="Which index to search.")
+@search_options
+@json_option
+@click.option("--paths", "paths_only", is_flag=True, help="Print only paths, one per line.")
+@click.pass_context
+def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
+           images: tuple[str, ...], negatives: tuple[str, ...], target: str, top: int,
+           offset: int, threshold: float | None, under: str | None, dedup: bool, precision: str,
+           as_json: bool, paths_only: bool) -> None:
+    """Search the library with TEXT and/or --image, for images or --target captions.
+
+    \b
+    Terms combine in embedding space: q = normalise(Σ wᵢ·vᵢ) where each text or image vector
+    vᵢ is a unit vector with weight wᵢ (1 unless a `W:` prefix says otherwise) and --not terms
+    get negative weights (0.5 unless given). Examples:
+      clipdex search a dog on a beach
+      clipdex search "a beach" --image ref.jpg --not people
+      clipdex search "2:sunset" -t "0.5:mountains" --top 20
+      clipdex search --image photo.jpg --target captions --json
+    An --image query never returns the query image itself.
+    """
+    from retrieval import Searcher
+
+    all_texts = ([" ".join(text)] if text else []) + list(texts)
+    searcher = _searcher(ctx, precision)
+    try:
+        result = searcher.search(all_texts, image=list(images), negatives=negatives,
+                                 target=target, k=top, offset=offset, threshold=threshold,
+                                 under=under, dedup=dedup)
+    finally:
+        searcher.close()
+    _print_hits(result, as_json=as_json, paths_only=paths_only)
+
+
+def _searcher(ctx: click.Context, precision: str):
+    from retrieval import Searcher
+
+    return Searcher(_library(ctx), precision=precision)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--top", "-k", "top", type=int, default=5, show_default=True)
+@json_option
+@click.pass_context
+def caption(ctx: click.Context, image: str, top: int, as_json: bool) -> None:
+    """The library's captions closest to IMAGE (which need not be indexed)."""
+    searcher = _searcher(ctx, "auto")
+    try:
+        result = searcher.caption(image, k=top)
+    finally:
+        searcher.close()
+    _print_hits(result, as_json=as_json, paths_only=False)
+
+
+@main.command()
+@json_option
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Counts, model, index types and disk use of the library."""
+    library = _library(ctx)
+    try:
+        data = library.stats()
+    finally:
+        library.close()
+    if as_json:
+        _emit_json(data)
+        return
+    click.echo(f"library:  {data['home']}")
+    click.echo(f"model:    {data['model'] or '(none yet)'}" +
+               (f" ({data['dim']}-d)" if data["dim"] else ""))
+    click.echo(f"images:   {data['images']}")
+    click.echo(f"captions: {data['captions']}")
+    click.echo(f"failed:   {data['failed']}" + ("  (see clipdex failures)" if data["failed"] else ""))
+    for name, info in data["index"].items():
+        if info.get("type"):
+            click.echo(f"index:    {name}: {info['type']}, {info['vectors']} vectors")
+    click.echo(f"disk:     {data['bytes'] / 1e6:.1f} MB")
+
+
+@main.command()
+@json_option
+@click.pass_context
+def failures(ctx: click.Context, as_json: bool) -> None:
+    """Files that could not be indexed, with the reason (retried when they change)."""
+    library = _library(ctx)
+    try:
+        rows = library.failures()
+    finally:
+        library.close()
+    if as_json:
+        _emit_json({"failures": [{"path": f.path, "reason": f.reason} for f in rows]})
+        return
+    if not rows:
+        click.echo("no failures")
+    for f in rows:
+        click.echo(f"{f.path}: {f.reason}")
+
+
+@main.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--count", "-n", type=click.IntRange(10), default=300, show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, directory: Path | None, count: int) -> None:
+    """Generate scenes, index them with the tiny model and query in every direction (offline).
+
+    DIRECTORY defaults to ./clipdex-demo; the demo library lives in DIRECTORY/library unless
+    --home is given.
+    """
+    from retrieval.demo import run_demo
+
+    directory = directory or Path("clipdex-demo")
+    home = ctx.find_root().obj["home"]
+    run_demo(directory, home=Path(home) if home else directory / "library",
+             db=ctx.find_root().obj["db"], count=count, echo=click.echo,
+             progress=_progress_enabled(ctx))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,269 @@
+"""Incremental, crash-safe ingestion of photo folders into the store.
+
+Files are classified against the store (new / changed / unchanged / moved / removed), decoded in
+worker threads while the model runs, and committed one batch per transaction together with the
+generation bump, so a kill at any point loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from sqlalchemy import delete, select
+
+from .embedder import Embedder
+from .scan import DecodeFailure, Decoded, FoundFile, decode_file, scan
+from .store import FailureRow, ImageRow, Store, now
+
+__all__ = ["IngestProgress", "IngestReport", "ingest_images"]
+
+BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    failed: int = 0  # files that failed in this run (reasons in `failures`)
+    skipped_failed: int = 0  # files that failed before and have not changed since
+    seconds: float = 0.0
+    failures: tuple[tuple[str, str], ...] = ()
+    index: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "new": self.new, "changed": self.changed, "unchanged": self.unchanged,
+            "moved": self.moved, "removed": self.removed, "failed": self.failed,
+            "skipped_failed": self.skipped_failed, "seconds": round(self.seconds, 3),
+            "images_per_second": round((self.new + self.changed) / self.seconds, 2)
+            if self.seconds else None,
+            "failures": [{"path": p, "reason": r} for p, r in self.failures],
+            "index": self.index,
+        }
+
+
+@dataclass(frozen=True)
+class IngestProgress:
+    """Sent to the progress callback: `total` files to embed, `done` so far, running counts."""
+
+    phase: str  # "scan" | "embed" | "index"
+    done: int
+    total: int
+    counts: dict
+
+
+ProgressFn = Callable[[IngestProgress], None]
+
+
+@dataclass
+class _Plan:
+    found: list[FoundFile]
+    to_embed: list[FoundFile]
+    changed_ids: dict[str, int]  # path -> id of the row a changed file replaces
+    unchanged: int
+    skipped_failed: int
+    vanished: dict[int, str]  # id -> content hash of rows whose file is no longer found
+    vanished_by_hash: dict[str, int]  # content hash -> one such row id (for move detection)
+    vanished_failures: list[str]
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _plan(store: Store, roots: list[Path], found: list[FoundFile]) -> _Plan:
+    root_strs = [os.path.abspath(r) for r in roots]
+    with store.session() as s:
+        rows = {
+            r.path: r for r in s.execute(
+                select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
+                       ImageRow.content_hash))
+            if _under(r.path, root_strs)
+        }
+        failures = {f.path: f for f in s.scalars(select(FailureRow)) if _under(f.path, root_strs)}
+    to_embed, changed_ids = [], {}
+    unchanged = skipped_failed = 0
+    found_paths = set()
+    for f in found:
+        found_paths.add(f.path)
+        row = rows.get(f.path)
+        if row is not None and (row.size, row.mtime_ns) == (f.size, f.mtime_ns):
+            unchanged += 1
+            continue
+        failure = failures.get(f.path)
+        if row is None and failure is not None and \
+                (failure.size, failure.mtime_ns) == (f.size, f.mtime_ns):
+            skipped_failed += 1  # retried only once the file changes
+            continue
+        if row is not None:
+            changed_ids[f.path] = row.id
+        to_embed.append(f)
+    vanished = {r.id: r.content_hash for p, r in rows.items() if p not in found_paths}
+    vanished_failures = [p for p in failures if p not in found_paths]
+    return _Plan(found, to_embed, changed_ids, unchanged, skipped_failed, vanished,
+                 {h: i for i, h in vanished.items()}, vanished_failures)
+
+
+class _Batch:
+    """Rows waiting for the model and the commit."""
+
+    def __init__(self) -> None:
+        self.files: list[FoundFile] = []
+        self.decoded: list[Decoded] = []
+        self.tensors: list = []
+        self.failures: list[tuple[FoundFile, str]] = []
+        self.moves: list[tuple[int, FoundFile]] = []
+
+    def __len__(self) -> int:
+        return len(self.files) + len(self.failures) + len(self.moves)
+
+
+def ingest_images(
+    store: Store,
+    embedder: Embedder,
+    roots: Iterable[Path],
+    *,
+    exclude: Iterable[str] = (),
+    include_hidden: bool = False,
+    workers: int | None = None,
+    batch_size: int = BATCH_SIZE,
+    progress: ProgressFn | None = None,
+) -> IngestReport:
+    """Bring the store's images under `roots` in line with the files on disk."""
+    started = time.perf_counter()
+    roots = [Path(r) for r in roots]
+    scan_errors: list[tuple[str, str]] = []
+    found = list(scan(roots, exclude=exclude, include_hidden=include_hidden,
+                      on_error=lambda p, r: scan_errors.append((p, r))))
+    plan = _plan(store, roots, found)
+    counts = {"new": 0, "changed": 0, "unchanged": plan.unchanged, "moved": 0, "failed": 0}
+    if progress:
+        progress(IngestProgress("scan", len(found), len(found), dict(counts)))
+    failures: list[tuple[str, str]] = list(scan_errors)
+    counts["failed"] += len(scan_errors)
+
+    def flush(batch: _Batch) -> None:
+        _commit(store, embedder, batch, plan, counts, failures)
+        if progress:
+            done = counts["new"] + counts["changed"] + counts["moved"] + counts["failed"]
+            progress(IngestProgress("embed", done, len(plan.to_embed), dict(counts)))
+
+    min_side = 2 * embedder.image_size  # decode JPEGs no smaller than twice the model input
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    batch = _Batch()
+    with ThreadPoolExecutor(workers, thread_name_prefix="clipdex-decode") as pool:
+        pending: deque[tuple[FoundFile, Future]] = deque()
+        files = iter(plan.to_embed)
+        window = max(2 * batch_size, 4 * workers)  # bounded memory on any library size
+        for f in files:
+            pending.append((f, pool.submit(_decode_and_preprocess, f.path, min_side, embedder)))
+            if len(pending) >= window:
+                _take(pending.popleft(), batch, plan)
+                if len(batch) >= batch_size:
+                    flush(batch)
+                    batch = _Batch()
+        while pending:
+            _take(pending.popleft(), batch, plan)
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = _Batch()
+    if len(batch):
+        flush(batch)
+    removed = _remove_vanished(store, plan)
+    with store.session() as s, s.begin():
+        store.link_captions(s)
+    return IngestReport(
+        new=counts["new"], changed=counts["changed"], unchanged=plan.unchanged,
+        moved=counts["moved"], removed=removed, failed=counts["failed"],
+        skipped_failed=plan.skipped_failed, seconds=time.perf_counter() - started,
+        failures=tuple(failures))
+
+
+def _decode_and_preprocess(path: str, min_side: int, embedder: Embedder):
+    try:
+        decoded = decode_file(path, min_side=min_side)
+    except DecodeFailure as exc:
+        return exc
+    except Exception as exc:  # a decoder bug in Pillow must not stop the run
+        return DecodeFailure(f"unexpected decoder error: {type(exc).__name__}: {exc}")
+    return decoded, embedder.preprocess(decoded.image)
+
+
+def _take(item: tuple[FoundFile, Future], batch: _Batch, plan: _Plan) -> None:
+    f, future = item
+    result = future.result()
+    if isinstance(result, DecodeFailure):
+        batch.failures.append((f, str(result)))
+        return
+    decoded, tensor = result
+    moved_id = plan.vanished_by_hash.get(decoded.content_hash)
+    if moved_id is not None and f.path not in plan.changed_ids:
+        del plan.vanished_by_hash[decoded.content_hash]
+        del plan.vanished[moved_id]
+        batch.moves.append((moved_id, f))  # same bytes under a new name: keep the vector
+        return
+    batch.files.append(f)
+    batch.decoded.append(decoded)
+    batch.tensors.append(tensor)
+
+
+def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts: dict,
+            failures: list[tuple[str, str]]) -> None:
+    vectors = None
+    if batch.tensors:
+        import torch
+
+        vectors = embedder.encode_image_tensors(torch.stack(batch.tensors))
+    stamp = now()
+    with store.session() as s, s.begin():
+        for row_id, f in batch.moves:
+            row = s.get(ImageRow, row_id)
+            if row is not None:
+                row.path, row.size, row.mtime_ns = f.path, f.size, f.mtime_ns
+                counts["moved"] += 1
+        for i, (f, decoded) in enumerate(zip(batch.files, batch.decoded)):
+            old_id = plan.changed_ids.get(f.path)
+            if old_id is not None:
+                # a changed file gets a new id, so derived indexes see a removal and an addition
+                s.execute(delete(ImageRow).where(ImageRow.id == old_id))
+                counts["changed"] += 1
+            else:
+                counts["new"] += 1
+            s.add(ImageRow(path=f.path, size=f.size, mtime_ns=f.mtime_ns,
+                           content_hash=decoded.content_hash, width=decoded.width,
+                           height=decoded.height, vector=vectors[i].tobytes(), added_at=stamp))
+        done_paths = [f.path for f in batch.files] + [f.path for _, f in batch.moves]
+        if done_paths:
+            s.execute(delete(FailureRow).where(FailureRow.path.in_(done_paths)))
+        for f, reason in batch.failures:
+            s.merge(FailureRow(path=f.path, size=f.size, mtime_ns=f.mtime_ns, reason=reason,
+                               failed_at=stamp))
+            old_id = plan.changed_ids.get(f.path)
+            if old_id is not None:  # the file changed into something unreadable: drop the old
+                s.execute(delete(ImageRow).where(ImageRow.id == old_id))
+            failures.append((f.path, reason))
+            counts["failed"] += 1
+        if batch.files or batch.moves or any(plan.changed_ids.get(f.path) for f, _ in batch.failures):
+            store.bump_generation(s, "image")
+
+
+def _remove_vanished(store: Store, plan: _Plan) -> int:
+    ids = list(plan.vanished)
+    with store.session() as s, s.begin():
+        for start in range(0, len(ids), 900):
+            s.execute(delete(ImageRow).where(ImageRow.id.in_(ids[start:start + 900])))
+        for start in range(0, len(plan.vanished_failures), 900):
+            chunk = plan.vanished_failures[start:start + 900]
+            s.execute(delete(FailureRow).where(FailureRow.path.in_(chunk)))
+        if ids:
+            store.bump_generation(s, "image")
+    return len(ids)

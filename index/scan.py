@@ -1,0 +1,197 @@
+"""Finding image files and decoding them for the model."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DecodeFailure",
+    "Decoded",
+    "FoundFile",
+    "decode_file",
+    "scan",
+]
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+HEIF_SUFFIXES = frozenset({".heic", ".heif", ".avif"})
+# Pillow refuses images above 2× its MAX_IMAGE_PIXELS (~179 MP) as decompression bombs; we
+# refuse at the same size whatever Pillow's global setting, before decoding a byte of pixels.
+MAX_PIXELS = 178_956_970
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    path: str  # absolute, as reached (symlinked folders keep their link name)
+    size: int
+    mtime_ns: int
+
+
+def _heif_available() -> bool:
+    try:
+        import pillow_heif  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supported_suffixes() -> frozenset[str]:
+    return IMAGE_SUFFIXES | (HEIF_SUFFIXES if _heif_available() else frozenset())
+
+
+def _excluded(rel: str, name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: bool = False,
+         on_error: Callable[[str, str], None] | None = None) -> Iterator[FoundFile]:
+    """Yield every image file under `roots`, following symlinks without loops or duplicates."""
+    patterns = tuple(exclude)
+    suffixes = supported_suffixes()
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[str] = set()
+
+    def consider(path: str, rel: str, name: str) -> FoundFile | None:
+        if (not include_hidden and name.startswith(".")) or \
+                os.path.splitext(name)[1].lower() not in suffixes or \
+                _excluded(rel, name, patterns):
+            return None
+        real = os.path.realpath(path)
+        if real in seen_files:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if on_error:
+                on_error(path, f"cannot stat: {exc.strerror or exc}")
+            return None
+        seen_files.add(real)
+        return FoundFile(path, st.st_size, st.st_mtime_ns)
+
+    for root in roots:
+        root = Path(os.path.abspath(root))
+        if root.is_file():
+            found = consider(str(root), root.name, root.name)
+            if found:
+                yield found
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
+                                                    onerror=_walk_error(on_error)):
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirnames[:] = []  # a symlink loop, or a second way into the same folder
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            rel_dir = os.path.relpath(dirpath, root)
+            dirnames[:] = [
+                d for d in sorted(dirnames)
+                if (include_hidden or not d.startswith("."))
+                and not _excluded(os.path.normpath(os.path.join(rel_dir, d)), d, patterns)
+            ]
+            for name in sorted(filenames):
+                rel = os.path.normpath(os.path.join(rel_dir, name))
+                found = consider(os.path.join(dirpath, name), rel, name)
+                if found:
+                    yield found
+
+
+def _walk_error(on_error: Callable[[str, str], None] | None):
+    def handler(exc: OSError) -> None:
+        if on_error:
+            on_error(str(exc.filename), f"cannot list folder: {exc.strerror or exc}")
+    return handler
+
+
+class DecodeFailure(Exception):
+    """A file that cannot become an image; the message is the reason recorded."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    content_hash: str
+    width: int
+    height: int
+    image: object  # PIL.Image.Image, RGB, possibly reduced by JPEG draft
+
+
+def decode_file(path: str, *, min_side: int) -> Decoded:
+    """Read, hash and decode one file to an upright RGB image at least `min_side` on each side.
+
+    Raises DecodeFailure with a human-readable reason.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise DecodeFailure("file vanished before it could be read") from None
+    except OSError as exc:
+        raise DecodeFailure(f"cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise DecodeFailure("empty file (0 bytes)")
+    digest = hashlib.sha256(data).hexdigest()
+    image, width, height = _decode_bytes(data, min_side)
+    return Decoded(digest, width, height, image)
+
+
+def _decode_bytes(data: bytes, min_side: int):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not _decode_bytes.__dict__.get("heif_registered") and _heif_available():
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        _decode_bytes.heif_registered = True  # type: ignore[attr-defined]
+    try:
+        im = Image.open(io.BytesIO(data))
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise DecodeFailure(f"image too large ({width}×{height} pixels; limit "
+                                f"{MAX_PIXELS // 1_000_000} MP, possible decompression bomb)")
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        if im.format == "JPEG":
+            # decode at 1/2, 1/4 or 1/8 scale when the photo is much larger than the model input
+            im.draft("RGB", (min_side, min_side))
+        im = ImageOps.exif_transpose(im)
+        im = _to_rgb(im)
+    except DecodeFailure:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeFailure("not an image Pillow can read (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeFailure(f"image too large (possible decompression bomb): {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeFailure(f"corrupt or truncated image: {exc}") from None
+    return im, width, height
+
+
+def _to_rgb(im):
+    """Any Pillow mode to 8-bit RGB: transparency over white, 16-bit scaled, CMYK converted."""
+    from PIL import Image
+
+    im.load()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im
