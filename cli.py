@@ -7,11 +7,10 @@ Heavy modules (torch, open_clip, faiss, PIL, even SQLAlchemy) are imported insid
 from __future__ import annotations
 
 import json
-import os
 import sys
-from functools import wraps
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -31,14 +30,18 @@ class ClipdexGroup(click.Group):
     """Turns domain errors into one-line messages: usage problems exit 2, failures exit 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from index.errors import ClipdexError, UsageProblem
-
         try:
             return super().invoke(ctx)
-        except UsageProblem as exc:
-            raise click.UsageError(str(exc), ctx) from None
-        except ClipdexError as exc:
-            raise click.ClickException(str(exc)) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            from index.errors import ClipdexError, UsageProblem  # not at import: --help is instant
+
+            if isinstance(exc, UsageProblem):
+                raise click.UsageError(str(exc), ctx) from None
+            if isinstance(exc, ClipdexError):
+                raise click.ClickException(str(exc)) from None
+            raise
 
 
 def _library(ctx: click.Context):
@@ -284,7 +287,6 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
       clipdex search --image photo.jpg --target captions --json
     An --image query never returns the query image itself.
     """
-    from retrieval import Searcher
 
     all_texts = ([" ".join(text)] if text else []) + list(texts)
     searcher = _searcher(ctx, precision)
@@ -336,7 +338,8 @@ def stats(ctx: click.Context, as_json: bool) -> None:
                (f" ({data['dim']}-d)" if data["dim"] else ""))
     click.echo(f"images:   {data['images']}")
     click.echo(f"captions: {data['captions']}")
-    click.echo(f"failed:   {data['failed']}" + ("  (see clipdex failures)" if data["failed"] else ""))
+    hint = "  (see clipdex failures)" if data["failed"] else ""
+    click.echo(f"failed:   {data['failed']}{hint}")
     for name, info in data["index"].items():
         if info.get("type"):
             click.echo(f"index:    {name}: {info['type']}, {info['vectors']} vectors")

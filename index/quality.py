@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -49,7 +49,8 @@ def _precision_at_10(
     hits = []
     for row, (colour, shape) in enumerate(combos):
         top = np.argsort(-scores[row])[:10]
-        hits.append(np.mean([gallery[i].colour == colour and gallery[i].shape == shape for i in top]))
+        relevant = [gallery[i].colour == colour and gallery[i].shape == shape for i in top]
+        hits.append(np.mean(relevant))
     return float(np.mean(hits))
 
 

@@ -25,7 +25,8 @@ class Settings:
     db_url: str | None = None  # any SQLAlchemy URL; default SQLite inside `home`
 
     @classmethod
-    def resolve(cls, home: str | os.PathLike | None = None, db_url: str | None = None) -> "Settings":
+    def resolve(cls, home: str | os.PathLike | None = None,
+                db_url: str | None = None) -> "Settings":
         home = home or os.environ.get("CLIPDEX_HOME") or default_home()
         db_url = db_url or os.environ.get("CLIPDEX_DB") or None
         return cls(Path(home).expanduser().resolve(), db_url)

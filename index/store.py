@@ -8,7 +8,7 @@ vector index knows whether it is current.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from sqlalchemy import (
@@ -96,7 +96,8 @@ def vector_from_blob(blob: bytes) -> np.ndarray:
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, no corruption
+    # WAL + NORMAL: a power cut may lose the last commits but never corrupts the database
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
@@ -221,8 +222,8 @@ def check_model(recorded: str, requested: str) -> None:
     if recorded != requested:
         raise ModelMismatch(
             f"this library was built with model {recorded!r}; it cannot mix in vectors from "
-            f"{requested!r}. Use --model {recorded} with this library, or start a new library for the other "
-            f"model with --home DIR.")
+            f"{requested!r}. Use --model {recorded} with this library, or start a new "
+            f"library for the other model with --home DIR.")
 
 
 def now() -> float:

@@ -1,0 +1,139 @@
+"""The package's foundation: CLI start-up, the embedder on the tiny model, the scene generator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from index import scenes
+from index.embedder import Embedder, resolve_spec
+from index.errors import ModelUnavailable, UsageProblem
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "open_clip", "faiss", "PIL", "sqlalchemy", "numpy", "fastapi")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["search", "--help"], ["index", "--help"],
+                                  ["captions", "add", "--help"], ["--version"]])
+def test_help_imports_nothing_heavy(args: list[str]) -> None:
+    code = (
+        "import sys, cli\n"
+        "from click.testing import CliRunner\n"
+        f"r = CliRunner().invoke(cli.main, {args!r})\n"
+        "assert r.exit_code == 0, r.output\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print(r.output[:40].replace(chr(10), ' '), heavy)\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
+
+
+def test_version_and_help_text() -> None:
+    runner = CliRunner()
+    assert "clipdex, version" in runner.invoke(cli.main, ["--version"]).output
+    text = runner.invoke(cli.main, ["search", "--help"]).output
+    assert "normalise(Σ wᵢ·vᵢ)" in text and "--target" in text
+
+
+def test_embedder_shapes_and_normalisation(tiny_embedder: Embedder) -> None:
+    images = [scenes.render(s, 96) for s in scenes.generate(5, seed=1)]
+    vectors = tiny_embedder.encode_images(images)
+    texts = tiny_embedder.encode_texts(["a red circle", "two blue stars", "x"])
+    assert vectors.shape == (5, tiny_embedder.dim) and vectors.dtype == np.float32
+    assert texts.shape == (3, tiny_embedder.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+    assert tiny_embedder.encode_texts([]).shape == (0, tiny_embedder.dim)
+
+
+def test_batching_equals_one_by_one() -> None:
+    embedder = Embedder.load("tiny", precision="fp32")
+    images = [scenes.render(s, 80) for s in scenes.generate(7, seed=2)]
+    batched = embedder.encode_images(images, batch_size=4)
+    single = np.concatenate([embedder.encode_images([im]) for im in images])
+    np.testing.assert_allclose(batched, single, atol=2e-5)
+    texts = ["a photo of a green square", "three small stars", "a ring"]
+    np.testing.assert_allclose(embedder.encode_texts(texts, batch_size=2),
+                               np.concatenate([embedder.encode_texts([t]) for t in texts]),
+                               atol=2e-5)
+
+
+def test_precisions_agree_with_fp32() -> None:
+    images = [scenes.render(s, 96) for s in scenes.generate(16, seed=3)]
+    reference = Embedder.load("tiny", precision="fp32").encode_images(images)
+    for precision in ("bf16", "int8"):
+        other = Embedder.load("tiny", precision=precision).encode_images(images)
+        cosine = (reference * other).sum(axis=1)
+        assert cosine.min() > 0.98, (precision, cosine.min())
+
+
+def test_tiny_loads_through_open_clip_local_dir() -> None:
+    source = resolve_spec("tiny")
+    assert source.name.startswith("local-dir:") and source.pretrained is None
+    assert (Path(source.name.removeprefix("local-dir:")) / "open_clip_model.safetensors").is_file()
+
+
+def test_failed_download_names_the_offline_model() -> None:
+    with pytest.raises(ModelUnavailable) as info:
+        Embedder.load("ViT-B-32:laion2b_s34b_b79k")
+    assert "--model tiny" in str(info.value) and "could not be downloaded" in str(info.value)
+
+
+def test_failed_download_via_cli_has_no_traceback(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    scenes.write_scenes(folder, 2, size=32)
+    result = CliRunner().invoke(cli.main, ["--home", str(tmp_path / "h"), "index", str(folder),
+                                           "--model", "ViT-B-32:laion2b_s34b_b79k"])
+    assert result.exit_code == 1
+    assert "--model tiny" in result.output and "Traceback" not in result.output
+
+
+def test_bad_model_specs() -> None:
+    with pytest.raises(ModelUnavailable, match="unknown model"):
+        resolve_spec("NoSuchNet:foo")
+    with pytest.raises(UsageProblem, match="pretrained tag"):
+        resolve_spec("ViT-B-32")
+    with pytest.raises(UsageProblem, match="precision"):
+        Embedder.load("tiny", precision="fp8")
+
+
+def test_scenes_are_deterministic(tmp_path: Path) -> None:
+    first = scenes.write_scenes(tmp_path / "a", 12, seed=5, size=48)
+    second = scenes.write_scenes(tmp_path / "b", 12, seed=5, size=48)
+    other = scenes.write_scenes(tmp_path / "c", 12, seed=6, size=48)
+    assert first == second and first != other
+    for name, _ in first:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    suffixes = {Path(name).suffix for name, _ in first}
+    assert suffixes == {".jpg", ".png"}
+    lines = [json.loads(line) for line in (tmp_path / "a" / "captions.jsonl").open()]
+    assert [(d["path"], d["caption"]) for d in lines] == first
+    csv_lines = (tmp_path / "a" / "captions.csv").read_text().splitlines()
+    assert csv_lines[0] == "path,caption" and len(csv_lines) == 13
+
+
+def test_scene_vocabulary_and_holdout() -> None:
+    assert len(scenes.SHAPES) >= 8 and len(scenes.COLOURS) >= 8
+    drawn = scenes.generate(2000, seed=9, exclude=scenes.HOLDOUT)
+    assert not {(s.colour, s.shape) for s in drawn} & scenes.HOLDOUT
+    assert {s.count for s in drawn} == {1, 2, 3}
+    assert {s.background for s in drawn} == set(scenes.BACKGROUND_KINDS)
+    captions = {scenes.caption_for(s, i) for i, s in enumerate(drawn[:50])}
+    assert len(captions) == 50
+    everything = scenes.generate(3000, seed=9)
+    assert {(s.colour, s.shape) for s in everything} >= scenes.HOLDOUT
+
+
+def test_scenes_cli(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli.main, ["scenes", str(tmp_path / "s"), "--count", "4",
+                                           "--seed", "1", "--size", "40"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "s").glob("scene_*"))) == 4
