@@ -7,17 +7,19 @@ import hashlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from .embedder import Embedder
 from .errors import CaptionFileError
 from .store import CaptionRow, ImageRow, Store
 
-__all__ = ["CaptionReport", "FORMATS", "ParsedCaption", "add_captions", "parse_caption_file"]
+__all__ = ["CaptionReport", "FORMATS", "ParsedCaption", "add_captions", "link_captions",
+           "parse_caption_file"]
 
 FORMATS = ("csv", "tsv", "jsonl", "coco")
 PATH_KEYS = ("path", "file_name", "filename", "file", "image", "image_path", "url")
@@ -77,8 +79,7 @@ def _parse_table(path: Path, delimiter: str, problems: list[str]) -> list[Parsed
                 f"{', '.join(TEXT_KEYS)}")
         path_key = _pick(reader.fieldnames, PATH_KEYS)
         out = []
-        for row in reader:
-            line = reader.line_num
+        for line, row in _rows(reader, path, problems):
             if None in row or any(v is None for v in row.values()):
                 problems.append(f"{path}:{line}: wrong number of fields")
                 continue
@@ -89,6 +90,20 @@ def _parse_table(path: Path, delimiter: str, problems: list[str]) -> list[Parsed
             ref = (row.get(path_key) or "").strip() if path_key else ""
             out.append(ParsedCaption(text, ref or None, line))
     return out
+
+
+def _rows(reader: csv.DictReader, path: Path, problems: list[str]):
+    """(line, row) pairs; a row the csv module rejects (e.g. a huge field) becomes a problem."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # DictReader's own line_num lags on errors; the inner reader's has read the row
+            problems.append(f"{path}:{reader.reader.line_num}: {exc}")
+            continue
+        yield reader.line_num, row
 
 
 def _parse_jsonl(path: Path, problems: list[str]) -> list[ParsedCaption]:
@@ -156,6 +171,8 @@ def parse_caption_file(path: Path, fmt: str | None = None) -> tuple[list[ParsedC
             raise CaptionFileError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     except UnicodeDecodeError:
         raise CaptionFileError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise CaptionFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not captions and not problems:
         raise CaptionFileError(f"{path}: no captions found")
     return captions, problems
@@ -173,20 +190,47 @@ class _ImageMatcher:
             names[os.path.basename(p)].append((i, p))
         self.by_name = names
 
-    def match(self, ref: str | None, base: Path) -> tuple[int | None, str | None]:
+    def match(self, ref: str | None) -> int | None:
+        """The id of the image at `ref` (an absolute path), else of the one image so named."""
         if not ref:
-            return None, None
-        absolute = os.path.abspath(ref if os.path.isabs(ref) else base / ref)
-        if absolute in self.by_path:
-            return self.by_path[absolute], absolute
+            return None
+        if ref in self.by_path:
+            return self.by_path[ref]
         candidates = self.by_name.get(os.path.basename(ref), [])
-        if len(candidates) == 1:
-            return candidates[0]
-        return None, absolute
+        return candidates[0][0] if len(candidates) == 1 else None
+
+
+def _absolute_ref(ref: str | None, base: str) -> str | None:
+    """Where the caption file says the image is: relative references are to its folder."""
+    return os.path.abspath(os.path.join(base, ref)) if ref else None
 
 
 def _key(text: str, ref: str | None) -> str:
+    # the reference as written (made absolute), not the image it matched: whether and how a
+    # caption links depends on what is indexed, and adding a file twice must add nothing
     return hashlib.sha256(f"{text}\0{ref or ''}".encode()).hexdigest()
+
+
+def link_captions(store: Store, session: Session) -> int:
+    """Link unlinked captions to images now indexed: by path, else by a unique file name."""
+    linked = store.link_captions(session)
+    pending = session.execute(select(CaptionRow.id, CaptionRow.image_ref).where(
+        CaptionRow.image_id.is_(None), CaptionRow.image_ref.is_not(None))).all()
+    if not pending:
+        return linked
+    wanted = {os.path.basename(ref) for _, ref in pending}
+    by_name: dict[str, list[int]] = defaultdict(list)
+    for image_id, image_path in session.execute(select(ImageRow.id, ImageRow.path)
+                                                .execution_options(yield_per=10_000)):
+        if os.path.basename(image_path) in wanted:
+            by_name[os.path.basename(image_path)].append(image_id)
+    for caption_id, ref in pending:
+        candidates = by_name.get(os.path.basename(ref), [])
+        if len(candidates) == 1:
+            session.execute(update(CaptionRow).where(CaptionRow.id == caption_id)
+                            .values(image_id=candidates[0]))
+            linked += 1
+    return linked
 
 
 def add_captions(store: Store, embedder: Embedder, path: Path, *, fmt: str | None = None,
@@ -197,16 +241,16 @@ def add_captions(store: Store, embedder: Embedder, path: Path, *, fmt: str | Non
     started = time.perf_counter()
     parsed, problems = parse_caption_file(path, fmt)
     matcher = _ImageMatcher(store)
-    base = path.resolve().parent
+    base = os.path.dirname(os.path.abspath(path))  # as scan names files: links not resolved
     fresh: dict[str, tuple[ParsedCaption, int | None, str | None]] = {}
     duplicates = 0
     for caption in parsed:
-        image_id, ref = matcher.match(caption.ref, base)
+        ref = _absolute_ref(caption.ref, base)
         key = _key(caption.text, ref)
         if key in fresh:
             duplicates += 1
             continue
-        fresh[key] = (caption, image_id, ref)
+        fresh[key] = (caption, matcher.match(ref), ref)
     with store.session() as s:
         keys = list(fresh)
         for start in range(0, len(keys), 900):
@@ -222,7 +266,7 @@ def add_captions(store: Store, embedder: Embedder, path: Path, *, fmt: str | Non
         with store.session() as s, s.begin():
             for (key, (caption, image_id, ref)), vector in zip(chunk, vectors):
                 s.add(CaptionRow(text=caption.text, key=key, image_ref=ref, image_id=image_id,
-                                 source=str(path.resolve()), vector=vector.tobytes()))
+                                 source=os.path.abspath(path), vector=vector.tobytes()))
                 linked += image_id is not None
             store.bump_generation(s, "caption")
         if progress:

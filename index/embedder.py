@@ -46,6 +46,10 @@ def resolve_spec(spec: str) -> ModelSource:
     if not spec:
         raise UsageProblem("empty model spec")
     if spec == "tiny":
+        if not (TINY_DIR / "open_clip_model.safetensors").is_file():
+            # open_clip would silently fall back to random weights
+            raise ModelUnavailable(f"the tiny model's weights are missing from {TINY_DIR}; "
+                                   f"reinstall clipdex or run scripts/train_tiny.py")
         return ModelSource(f"local-dir:{TINY_DIR}", None)
     if spec.startswith(("hf-hub:", "local-dir:")):
         return ModelSource(spec, None)

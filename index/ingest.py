@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from sqlalchemy import delete, select
 
+from . import faults
+from .captions import link_captions
 from .embedder import Embedder
-from .scan import DecodeFailure, Decoded, FoundFile, decode_file, scan
+from .scan import Decoded, DecodeFailure, FoundFile, ScanError, decode_file, scan
 from .store import FailureRow, ImageRow, Store, now
 
 __all__ = ["IngestProgress", "IngestReport", "ingest_images"]
@@ -72,31 +74,38 @@ class _Plan:
     unchanged: int
     skipped_failed: int
     vanished: dict[int, str]  # id -> content hash of rows whose file is no longer found
-    vanished_by_hash: dict[str, int]  # content hash -> one such row id (for move detection)
+    vanished_by_hash: dict[str, list[int]]  # content hash -> such row ids (for move detection)
     vanished_failures: list[str]
+    scan_failures: list[tuple[FoundFile, str]]  # broken links etc., new or changed since
 
 
 def _under(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def _plan(store: Store, roots: list[Path], found: list[FoundFile]) -> _Plan:
+def _plan(store: Store, roots: list[Path], found: list[FoundFile],
+          scan_errors: list[ScanError]) -> _Plan:
     root_strs = [os.path.abspath(r) for r in roots]
+    # what sits in a folder that could not be listed was not seen, not deleted: keep it
+    unlisted = [e.path for e in scan_errors if e.folder]
     with store.session() as s:
         rows = {
             r.path: r for r in s.execute(
                 select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
                        ImageRow.content_hash))
-            if _under(r.path, root_strs)
+            if _under(r.path, root_strs) and not _under(r.path, unlisted)
         }
-        failures = {f.path: f for f in s.scalars(select(FailureRow)) if _under(f.path, root_strs)}
-    to_embed, changed_ids = [], {}
+        failures = {f.path: f for f in s.scalars(select(FailureRow))
+                    if _under(f.path, root_strs) and not _under(f.path, unlisted)}
+    to_embed, changed_ids, scan_failures = [], {}, []
     unchanged = skipped_failed = 0
     found_paths = set()
-    for f in found:
+    unusable = [(FoundFile(e.path, e.size, e.mtime_ns), e.reason)
+                for e in scan_errors if not e.folder]
+    for f, reason in [(f, None) for f in found] + unusable:
         found_paths.add(f.path)
         row = rows.get(f.path)
-        if row is not None and (row.size, row.mtime_ns) == (f.size, f.mtime_ns):
+        if reason is None and row is not None and (row.size, row.mtime_ns) == (f.size, f.mtime_ns):
             unchanged += 1
             continue
         failure = failures.get(f.path)
@@ -106,11 +115,17 @@ def _plan(store: Store, roots: list[Path], found: list[FoundFile]) -> _Plan:
             continue
         if row is not None:
             changed_ids[f.path] = row.id
-        to_embed.append(f)
+        if reason is None:
+            to_embed.append(f)
+        else:
+            scan_failures.append((f, reason))
     vanished = {r.id: r.content_hash for p, r in rows.items() if p not in found_paths}
+    by_hash: dict[str, list[int]] = {}
+    for row_id, content_hash in vanished.items():
+        by_hash.setdefault(content_hash, []).append(row_id)
     vanished_failures = [p for p in failures if p not in found_paths]
-    return _Plan(found, to_embed, changed_ids, unchanged, skipped_failed, vanished,
-                 {h: i for i, h in vanished.items()}, vanished_failures)
+    return _Plan(found, to_embed, changed_ids, unchanged, skipped_failed, vanished, by_hash,
+                 vanished_failures, scan_failures)
 
 
 class _Batch:
@@ -141,25 +156,31 @@ def ingest_images(
     """Bring the store's images under `roots` in line with the files on disk."""
     started = time.perf_counter()
     roots = [Path(r) for r in roots]
-    scan_errors: list[tuple[str, str]] = []
-    found = list(scan(roots, exclude=exclude, include_hidden=include_hidden,
-                      on_error=lambda p, r: scan_errors.append((p, r))))
-    plan = _plan(store, roots, found)
+    scan_errors: list[ScanError] = []
+    found = []
+    for f in scan(roots, exclude=exclude, include_hidden=include_hidden,
+                  on_error=scan_errors.append):
+        faults.crash_test_hook("scan")
+        found.append(f)
+    plan = _plan(store, roots, found, scan_errors)
     counts = {"new": 0, "changed": 0, "unchanged": plan.unchanged, "moved": 0, "failed": 0}
     if progress:
         progress(IngestProgress("scan", len(found), len(found), dict(counts)))
-    failures: list[tuple[str, str]] = list(scan_errors)
-    counts["failed"] += len(scan_errors)
+    # folders that could not be listed are reported each run; files that failed are recorded
+    failures: list[tuple[str, str]] = [(e.path, e.reason) for e in scan_errors if e.folder]
+    counts["failed"] += len(failures)
 
     def flush(batch: _Batch) -> None:
         _commit(store, embedder, batch, plan, counts, failures)
         if progress:
             done = counts["new"] + counts["changed"] + counts["moved"] + counts["failed"]
-            progress(IngestProgress("embed", done, len(plan.to_embed), dict(counts)))
+            total = len(plan.to_embed) + len(plan.scan_failures)
+            progress(IngestProgress("embed", done, total, dict(counts)))
 
     min_side = 2 * embedder.image_size  # decode JPEGs no smaller than twice the model input
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     batch = _Batch()
+    batch.failures.extend(plan.scan_failures)
     with ThreadPoolExecutor(workers, thread_name_prefix="clipdex-decode") as pool:
         pending: deque[tuple[FoundFile, Future]] = deque()
         files = iter(plan.to_embed)
@@ -180,7 +201,7 @@ def ingest_images(
         flush(batch)
     removed = _remove_vanished(store, plan)
     with store.session() as s, s.begin():
-        store.link_captions(s)
+        link_captions(store, s)
     return IngestReport(
         new=counts["new"], changed=counts["changed"], unchanged=plan.unchanged,
         moved=counts["moved"], removed=removed, failed=counts["failed"],
@@ -205,9 +226,9 @@ def _take(item: tuple[FoundFile, Future], batch: _Batch, plan: _Plan) -> None:
         batch.failures.append((f, str(result)))
         return
     decoded, tensor = result
-    moved_id = plan.vanished_by_hash.get(decoded.content_hash)
-    if moved_id is not None and f.path not in plan.changed_ids:
-        del plan.vanished_by_hash[decoded.content_hash]
+    moved_ids = plan.vanished_by_hash.get(decoded.content_hash)
+    if moved_ids and f.path not in plan.changed_ids:
+        moved_id = moved_ids.pop()
         del plan.vanished[moved_id]
         batch.moves.append((moved_id, f))  # same bytes under a new name: keep the vector
         return
@@ -222,6 +243,7 @@ def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts
     if batch.tensors:
         import torch
 
+        faults.crash_test_hook("embed")
         vectors = embedder.encode_image_tensors(torch.stack(batch.tensors))
     stamp = now()
     with store.session() as s, s.begin():
@@ -252,8 +274,11 @@ def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts
                 s.execute(delete(ImageRow).where(ImageRow.id == old_id))
             failures.append((f.path, reason))
             counts["failed"] += 1
-        if batch.files or batch.moves or any(plan.changed_ids.get(f.path) for f, _ in batch.failures):
+        dropped = any(plan.changed_ids.get(f.path) for f, _ in batch.failures)
+        if batch.files or batch.moves or dropped:
             store.bump_generation(s, "image")
+        s.flush()
+        faults.crash_test_hook("commit")
 
 
 def _remove_vanished(store: Store, plan: _Plan) -> int:

@@ -6,15 +6,16 @@ import fnmatch
 import hashlib
 import io
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "DecodeFailure",
     "Decoded",
     "FoundFile",
+    "ScanError",
     "decode_file",
     "scan",
 ]
@@ -35,6 +36,17 @@ class FoundFile:
     mtime_ns: int
 
 
+@dataclass(frozen=True)
+class ScanError:
+    """A file or folder the scan reached but could not use; the reason is for the user."""
+
+    path: str
+    reason: str
+    folder: bool  # a folder that could not be listed (its files were not seen this time)
+    size: int = 0  # of the entry itself (lstat): a failure is retried once these change
+    mtime_ns: int = 0
+
+
 def _heif_available() -> bool:
     try:
         import pillow_heif  # noqa: F401
@@ -47,14 +59,34 @@ def supported_suffixes() -> frozenset[str]:
     return IMAGE_SUFFIXES | (HEIF_SUFFIXES if _heif_available() else frozenset())
 
 
-def _excluded(rel: str, name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
+def _excluded(path: str, rel: str, name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p)
+               for p in patterns)
+
+
+def _unstattable(path: str, exc: OSError) -> ScanError | None:
+    """Why a listed file cannot be used; None when it simply vanished since the listing."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    reason = exc.strerror or str(exc)
+    if os.path.islink(path):
+        reason = f"broken symbolic link (missing target or a link loop): {reason}"
+    else:
+        reason = f"cannot stat: {reason}"
+    return ScanError(path, reason, False, st.st_size, st.st_mtime_ns)
 
 
 def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: bool = False,
-         on_error: Callable[[str, str], None] | None = None) -> Iterator[FoundFile]:
-    """Yield every image file under `roots`, following symlinks without loops or duplicates."""
-    patterns = tuple(exclude)
+         on_error: Callable[[ScanError], None] | None = None) -> Iterator[FoundFile]:
+    """Yield every image file under `roots`, following symlinks without loops or duplicates.
+
+    `exclude` globs match a file's or folder's name, its path relative to the root, or its
+    absolute path (a trailing slash is ignored). Entries that cannot be used (broken links,
+    folders that cannot be listed) go to `on_error`.
+    """
+    patterns = tuple(p.rstrip("/") or p for p in exclude)
     suffixes = supported_suffixes()
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[str] = set()
@@ -62,7 +94,7 @@ def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: 
     def consider(path: str, rel: str, name: str) -> FoundFile | None:
         if (not include_hidden and name.startswith(".")) or \
                 os.path.splitext(name)[1].lower() not in suffixes or \
-                _excluded(rel, name, patterns):
+                _excluded(path, rel, name, patterns):
             return None
         real = os.path.realpath(path)
         if real in seen_files:
@@ -70,8 +102,10 @@ def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: 
         try:
             st = os.stat(path)
         except OSError as exc:
-            if on_error:
-                on_error(path, f"cannot stat: {exc.strerror or exc}")
+            seen_files.add(real)  # a broken link reached twice is reported once
+            error = _unstattable(path, exc)
+            if error and on_error:
+                on_error(error)
             return None
         seen_files.add(real)
         return FoundFile(path, st.st_size, st.st_mtime_ns)
@@ -97,7 +131,8 @@ def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: 
             dirnames[:] = [
                 d for d in sorted(dirnames)
                 if (include_hidden or not d.startswith("."))
-                and not _excluded(os.path.normpath(os.path.join(rel_dir, d)), d, patterns)
+                and not _excluded(os.path.join(dirpath, d),
+                                  os.path.normpath(os.path.join(rel_dir, d)), d, patterns)
             ]
             for name in sorted(filenames):
                 rel = os.path.normpath(os.path.join(rel_dir, name))
@@ -106,10 +141,11 @@ def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: 
                     yield found
 
 
-def _walk_error(on_error: Callable[[str, str], None] | None):
+def _walk_error(on_error: Callable[[ScanError], None] | None):
     def handler(exc: OSError) -> None:
         if on_error:
-            on_error(str(exc.filename), f"cannot list folder: {exc.strerror or exc}")
+            on_error(ScanError(str(exc.filename), f"cannot list folder: {exc.strerror or exc}",
+                               True))
     return handler
 
 

@@ -53,6 +53,10 @@ class MetaRow(Base):
 
 class ImageRow(Base):
     __tablename__ = "images"
+    # Never hand a deleted id out again: derived FAISS indexes are caught up by diffing id
+    # sets, so a reused id would keep the old image's vector (SQLite reuses the highest rowid
+    # without AUTOINCREMENT; PostgreSQL sequences never reuse).
+    __table_args__ = {"sqlite_autoincrement": True}
     id: Mapped[int] = mapped_column(primary_key=True)
     path: Mapped[str] = mapped_column(String(4096), unique=True)
     size: Mapped[int]
@@ -66,6 +70,7 @@ class ImageRow(Base):
 
 class CaptionRow(Base):
     __tablename__ = "captions"
+    __table_args__ = {"sqlite_autoincrement": True}
     id: Mapped[int] = mapped_column(primary_key=True)
     text: Mapped[str] = mapped_column(String(8192))
     # sha256 of (text, image reference): adding the same file twice adds nothing

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import faults
 from .store import Store
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ class VectorIndex:
         faiss.write_index(self.index, str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        faults.crash_test_hook("save")
         os.replace(tmp, final)
         _fsync_dir(self.directory)
         for entry in self.directory.iterdir():
