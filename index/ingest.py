@@ -144,7 +144,7 @@ class _Batch:
 
 def ingest_images(
     store: Store,
-    embedder: Embedder,
+    embedder: Embedder | Callable[[], Embedder],
     roots: Iterable[Path],
     *,
     exclude: Iterable[str] = (),
@@ -153,7 +153,10 @@ def ingest_images(
     batch_size: int = BATCH_SIZE,
     progress: ProgressFn | None = None,
 ) -> IngestReport:
-    """Bring the store's images under `roots` in line with the files on disk."""
+    """Bring the store's images under `roots` in line with the files on disk.
+
+    `embedder` may be a zero-argument factory, called only when something needs embedding.
+    """
     started = time.perf_counter()
     roots = [Path(r) for r in roots]
     scan_errors: list[ScanError] = []
@@ -177,7 +180,10 @@ def ingest_images(
             total = len(plan.to_embed) + len(plan.scan_failures)
             progress(IngestProgress("embed", done, total, dict(counts)))
 
-    min_side = 2 * embedder.image_size  # decode JPEGs no smaller than twice the model input
+    if plan.to_embed and not isinstance(embedder, Embedder):
+        embedder = embedder()  # an unchanged tree never pays for loading the model
+    # decode JPEGs no smaller than twice the model input
+    min_side = 2 * embedder.image_size if plan.to_embed else 0
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     batch = _Batch()
     batch.failures.extend(plan.scan_failures)

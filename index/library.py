@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
@@ -89,13 +90,20 @@ class Library:
               precision: str = "auto", workers: int | None = None,
               progress: ProgressFn | None = None) -> IngestReport:
         """Index (incrementally) the images under `paths`; returns what changed."""
-        embedder = self._claim(model, precision)
+        recorded = self.store.model_fingerprint()
+        if recorded is not None:
+            check_model(recorded[0], model or recorded[0])
+            embedder: Embedder | Callable[[], Embedder] = partial(
+                self.embedder, recorded[0], precision=precision)
+            dim = recorded[1]
+        else:
+            embedder = self._claim(model, precision)
+            dim = embedder.dim
         report = ingest_images(self.store, embedder, [Path(p) for p in paths], exclude=exclude,
                                include_hidden=include_hidden, workers=workers, progress=progress)
-        images = VectorIndex.open(self.store, "image", embedder.dim, self.settings.index_dir,
-                                  save=True)
-        captions = VectorIndex.open(self.store, "caption", embedder.dim,
-                                    self.settings.index_dir, save=True)
+        images = VectorIndex.open(self.store, "image", dim, self.settings.index_dir, save=True)
+        captions = VectorIndex.open(self.store, "caption", dim, self.settings.index_dir,
+                                    save=True)
         from dataclasses import replace
 
         return replace(report, index={"images": images.describe(),
