@@ -222,6 +222,8 @@ def _apply_precision(model: Any, precision: str, device: "torch.device") -> Any:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the dynamic-quantisation API is deprecated
-            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
-                                                          dtype=torch.qint8)
+            # ModifiedResNet's attention pool reads its Linear weights directly: keep it fp32
+            names = {name for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and "attnpool" not in name}
+            return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8)
     return model

@@ -19,7 +19,7 @@ EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 
 @dataclass(frozen=True)
 class QualityReport:
-    colour_shape_p10: float  # text→image precision@10, "<colour> <shape>" seen in training
+    colour_shape_p10: float  # text→image precision@10 of "<colour> <shape>" seen in training
     holdout_p10: float  # the same for combinations held out of training
     caption_r5: float  # caption→image recall@5 over a gallery of `caption_gallery` scenes
     caption_gallery: int
@@ -72,7 +72,7 @@ def measure_quality(
     gallery_vectors = encode_images([render(s, image_size) for s in gallery])
     seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HOLDOUT]
     held = sorted(HOLDOUT)
-    queries = encode_texts([f"a photo of a {c} {s}" for c, s in seen + held])
+    queries = encode_texts([f"{c} {s}" for c, s in seen + held])  # what a person types
     scores = queries @ gallery_vectors.T
     seen_p10 = _precision_at_10(scores[: len(seen)], gallery, seen)
     held_p10 = _precision_at_10(scores[len(seen):], gallery, held)

@@ -25,6 +25,7 @@ __all__ = [
     "Scene",
     "caption_for",
     "render",
+    "short_caption",
     "sample_scene",
     "write_scenes",
 ]
@@ -119,7 +120,9 @@ def caption_for(scene: Scene, variant: int = 0) -> str:
     """One of several phrasings of the scene's caption; `variant` picks the phrasing."""
     noun = _plural(scene.shape, scene.count)
     article = "a" if scene.count == 1 else COUNT_WORDS[scene.count]
-    size = f"{scene.size} " if scene.count == 1 or variant % 2 else ""
+    # variant picks the template (variant % 5) and, independently, whether the size is said
+    says_size = (variant // 5) % 3 != 2 if scene.count == 1 else bool(variant % 2)
+    size = f"{scene.size} " if says_size else ""
     obj = f"{article} {size}{scene.colour} {noun}"
     bg = f"{scene.background_colour} background"
     where = f" at the {scene.position}" if scene.position else ""
@@ -139,6 +142,16 @@ def caption_for(scene: Scene, variant: int = 0) -> str:
         f"{scene.background_colour} background with {obj}{where}",
     )
     return templates[variant % len(templates)]
+
+
+def short_caption(scene: Scene, variant: int = 0) -> str:
+    """The few words a person types into a search box: "red circle", "two blue stars"."""
+    noun = _plural(scene.shape, scene.count)
+    if variant % 3 == 0:
+        return f"{scene.colour} {noun}"
+    if variant % 3 == 1:
+        return f"{'a' if scene.count == 1 else COUNT_WORDS[scene.count]} {scene.colour} {noun}"
+    return f"{scene.colour} {noun} on {scene.background_colour}"
 
 
 def _star(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
