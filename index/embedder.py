@@ -72,10 +72,10 @@ def resolve_spec(spec: str) -> ModelSource:
 
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    """open_clip logs warnings on the root logger (e.g. random init); keep them off the CLI."""
+    """open_clip logs on the root logger (random init, failed downloads); we report instead."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)
+    root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
