@@ -257,6 +257,33 @@ def search_options(f: Callable) -> Callable:
     return f
 
 
+def expansion_options(f: Callable) -> Callable:
+    from_default = "ridge"  # retrieval.expansion.DEFAULT_METHOD, not imported: --help stays fast
+    for decorator in reversed([
+        click.option("--expand", type=click.Choice(["prior", "meanshift", "ridge", "pixels"]),
+                     is_flag=False, flag_value=from_default, default=None,
+                     help="Expand a text query towards images first: with the trained "
+                          "diffusion prior, the mean shift, the ridge map, or generated "
+                          f"pixels. Alone (after the text): {from_default}."),
+        click.option("--expand-samples", type=click.IntRange(1, 256), metavar="K",
+                     help="Image-side samples per query (prior, pixels) [default: 4]."),
+        click.option("--expand-weight", type=click.FloatRange(0, 1), metavar="A",
+                     help="Share of the image side in the query, 0-1 [default: tuned]."),
+        click.option("--expand-seed", type=int, metavar="S",
+                     help="Sampling seed (prior, pixels) [default: 0]."),
+        click.option("--expand-fusion", type=click.Choice(["interp", "rrf"]),
+                     help="Interpolate the vectors (one search) or fuse the K+1 result "
+                          "lists by reciprocal rank [default: interp]."),
+        click.option("--expand-steps", type=click.IntRange(1, 1000), metavar="N",
+                     help="Denoising steps (prior: 16, pixels: 25)."),
+        click.option("--generator", metavar="SPEC",
+                     help="diffusers text-to-image model id or save_pretrained folder "
+                          "(--expand pixels; needs the `diffusion` extra)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
 @main.command()
 @click.argument("text", nargs=-1)
 @click.option("--text", "-t", "texts", multiple=True, metavar="[W:]TEXT",
@@ -268,13 +295,16 @@ def search_options(f: Callable) -> Callable:
 @click.option("--target", type=click.Choice(["images", "captions"]), default="images",
               show_default=True, help="Which index to search.")
 @search_options
+@expansion_options
 @json_option
 @click.option("--paths", "paths_only", is_flag=True, help="Print only paths, one per line.")
 @click.pass_context
 def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
            images: tuple[str, ...], negatives: tuple[str, ...], target: str, top: int,
            offset: int, threshold: float | None, under: str | None, dedup: bool, precision: str,
-           as_json: bool, paths_only: bool) -> None:
+           expand: str | None, expand_samples: int | None, expand_weight: float | None,
+           expand_seed: int | None, expand_fusion: str | None, expand_steps: int | None,
+           generator: str | None, as_json: bool, paths_only: bool) -> None:
     """Search the library with TEXT and/or --image, for images or --target captions.
 
     \b
@@ -285,15 +315,24 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
       clipdex search "a beach" --image ref.jpg --not people
       clipdex search "2:sunset" -t "0.5:mountains" --top 20
       clipdex search --image photo.jpg --target captions --json
-    An --image query never returns the query image itself.
+      clipdex search "a red circle" --expand ridge
+    An --image query never returns the query image itself. --expand moves a text query
+    towards the image side of the space first (see `clipdex prior train`).
     """
 
+    from retrieval.expansion import Expansion, QueryExpansion
+
     all_texts = ([" ".join(text)] if text else []) + list(texts)
+    expansion = Expansion.from_options(expand, samples=expand_samples, weight=expand_weight,
+                                       seed=expand_seed, fusion=expand_fusion,
+                                       generator=generator, steps=expand_steps)
     searcher = _searcher(ctx, precision)
     try:
-        result = searcher.search(all_texts, image=list(images), negatives=negatives,
-                                 target=target, k=top, offset=offset, threshold=threshold,
-                                 under=under, dedup=dedup)
+        expanding = QueryExpansion(searcher, notify=lambda m: click.echo(f"warning: {m}",
+                                                                         err=True))
+        result = expanding.search(all_texts, expansion=expansion, image=list(images),
+                                  negatives=negatives, target=target, k=top, offset=offset,
+                                  threshold=threshold, under=under, dedup=dedup)
     finally:
         searcher.close()
     _print_hits(result, as_json=as_json, paths_only=paths_only)
@@ -382,6 +421,81 @@ def demo(ctx: click.Context, directory: Path | None, count: int) -> None:
     run_demo(directory, home=Path(home) if home else directory / "library",
              db=ctx.find_root().obj["db"], count=count, echo=click.echo,
              progress=_progress_enabled(ctx))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (another than loopback exposes the library).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. a clip-front) call the API; repeatable.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
+              default="auto", help="Query encoder precision.")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, cors_origins: tuple[str, ...],
+          precision: str) -> None:
+    """Serve the web page, the JSON API (/docs) and clip-retrieval's API over HTTP.
+
+    Keeps answering while `clipdex index` adds to the library, and sees what it added.
+    """
+    from importlib.util import find_spec
+
+    if not all(find_spec(m) for m in ("fastapi", "uvicorn")) or not (
+            find_spec("python_multipart") or find_spec("multipart")):
+        raise click.ClickException("the server needs FastAPI and uvicorn: "
+                                   "pip install 'clipdex[server]'")
+    from retrieval.server import serve as run_server
+
+    obj = ctx.find_root().obj
+    run_server(home=obj["home"], db=obj["db"], host=host, port=port, precision=precision,
+               cors_origins=cors_origins, echo=click.echo)
+
+
+@main.group()
+def prior() -> None:
+    """Query-expansion models learnt from the library's caption–image pairs (--expand)."""
+
+
+@prior.command("train")
+@click.option("--steps", type=click.IntRange(1), help="Optimiser steps [default: from --epochs].")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=40.0,
+              show_default=True, help="Passes over the pairs (clamped to 300-6000 steps).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+@click.pass_context
+def prior_train(ctx: click.Context, steps: int | None, epochs: float, seed: int,
+                as_json: bool) -> None:
+    """Train the diffusion prior (and fit the mean-shift and ridge maps) for --expand.
+
+    Learns from every caption linked to an indexed image, and saves prior.safetensors and
+    prior.json in the library folder; tied to the library's model. Minutes on 2 cores for
+    ~50k pairs.
+    """
+    from tqdm import tqdm
+
+    from retrieval.expansion import train_expanders
+    from retrieval.prior import TrainConfig
+
+    library = _library(ctx)
+    bar = tqdm(total=0, unit="step", disable=not _progress_enabled(ctx), file=sys.stderr,
+               desc="training prior")
+
+    def progress(done: int, total: int, loss: float) -> None:
+        bar.total, bar.n = total, done
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=True)
+
+    try:
+        report = train_expanders(library, train=TrainConfig(steps=steps, epochs=epochs,
+                                                            seed=seed), progress=progress)
+    finally:
+        bar.close()
+        library.close()
+    if as_json:
+        _emit_json(report.as_dict())
+        return
+    click.echo(f"trained on {report.pairs} caption–image pairs ({report.images} images): "
+               f"{report.steps} steps in {report.seconds:.1f}s, loss {report.final_loss:.4f}; "
+               f"saved {report.path}")
 
 
 if __name__ == "__main__":  # pragma: no cover
