@@ -82,15 +82,6 @@ def _quiet_open_clip() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _bf16_is_fast() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # pragma: no cover - older torch
-        return False
-
-
 def _pick_precision(precision: str, device: "torch.device") -> str:
     if precision not in PRECISIONS:
         raise UsageProblem(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -98,9 +89,11 @@ def _pick_precision(precision: str, device: "torch.device") -> str:
         return precision
     if device.type == "cuda":
         return "bf16"
-    # Measured on 2 Zen 4 / Xeon cores with AVX-512 bf16: ViT-B-32 bf16 weights ~2x fp32 with
-    # cosine >= 0.9999 (bench/precision.py); without native bf16 it is slower than fp32.
-    return "bf16" if _bf16_is_fast() else "fp32"
+    # fp32 on CPUs: on this project's Intel Xeon machines (AVX-512 BF16 reported) bf16 weights
+    # ran slower than fp32, ViT-B-32 17 vs 30 img/s and tiny 1150 vs 1360 img/s
+    # (bench/ingest.py, 2026-11-27), although DESIGN.md measured 2x on a Zen 4. Ask for
+    # --precision bf16 where it pays.
+    return "fp32"
 
 
 class Embedder:
@@ -110,7 +103,7 @@ class Embedder:
         spec: model string (`tiny`, `ViT-B-32:laion2b_s34b_b79k`, `hf-hub:…`, `local-dir:…`,
             `ARCH:/path/to/checkpoint.pt`, `ARCH:random`).
         device: "cpu", "cuda" or None for CUDA when present.
-        precision: "auto" (bf16 where the CPU/GPU runs it natively, else fp32), "fp32", "bf16",
+        precision: "auto" (bf16 on a GPU, fp32 on a CPU: measured faster here), "fp32", "bf16",
             or "int8" (dynamic int8 Linear layers, CPU only).
         threads: torch intra-op threads (None leaves torch's default).
     """
