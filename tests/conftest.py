@@ -35,3 +35,22 @@ def tiny_embedder():
     from index.embedder import Embedder
 
     return Embedder.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def one_model_load():
+    """Load each model once per module: every Library and CLI call in it shares the real one."""
+    from index.embedder import Embedder
+
+    cache: dict = {}
+    original = Embedder.load.__func__
+
+    def load(cls, spec, **options):
+        key = (spec, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = original(cls, spec, **options)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Embedder, "load", classmethod(load))
+        yield

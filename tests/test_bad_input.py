@@ -39,23 +39,7 @@ GOOD = ["scene_0.jpg", "scene_1.png", "cmyk.jpg", "gray16.png", "palette_alpha.p
         "animated.gif", "exif6.jpg", "exif6_upright.png", SPACED, UNICODE]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_model_load():
-    """Load the tiny model once for the module; every CLI call below shares the real one."""
-    from index.embedder import Embedder
-
-    cache: dict = {}
-    original = Embedder.load.__func__
-
-    def load(cls, spec, **options):
-        key = (spec, tuple(sorted(options.items())))
-        if key not in cache:
-            cache[key] = original(cls, spec, **options)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Embedder, "load", classmethod(load))
-        yield
+pytestmark = pytest.mark.usefixtures("one_model_load")
 
 
 def scene_image(seed: int, size: int = 64) -> Image.Image:

@@ -40,23 +40,7 @@ KILLS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_model_load():
-    """Load the model once for the in-process runs (the killed runs load their own)."""
-    from index.embedder import Embedder
-
-    cache: dict = {}
-    original = Embedder.load.__func__
-
-    def load(cls, spec, **options):
-        key = (spec, tuple(sorted(options.items())))
-        if key not in cache:
-            cache[key] = original(cls, spec, **options)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Embedder, "load", classmethod(load))
-        yield
+pytestmark = pytest.mark.usefixtures("one_model_load")
 
 
 def clipdex(*args: str, kill_at: str) -> subprocess.Popen:

@@ -28,23 +28,7 @@ MODEL = "tiny"
 REPORT_KEYS = {"new", "changed", "unchanged", "moved", "removed", "failed", "seconds"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_model_load():
-    """Load the tiny model once for the module; every Library and CLI call shares the real one."""
-    from index.embedder import Embedder
-
-    cache: dict = {}
-    original = Embedder.load.__func__
-
-    def load(cls, spec, **options):
-        key = (spec, tuple(sorted(options.items())))
-        if key not in cache:
-            cache[key] = original(cls, spec, **options)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Embedder, "load", classmethod(load))
-        yield
+pytestmark = pytest.mark.usefixtures("one_model_load")
 
 
 # --- helpers --------------------------------------------------------------------------------
