@@ -229,34 +229,35 @@ def ranks_for(split: Split, row: Method) -> np.ndarray:
 # --- latency through the real read path -------------------------------------------------------
 def added_latency(home: Path, expanders: SavedExpanders, rows: list[Method], texts: list[str],
                   repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Median wall time per query, plain and with each expansion, measured interleaved (query by
+    query, in turn) so that load from other processes falls on all of them alike."""
     from retrieval import Searcher
 
     searcher = Searcher.open(home)
     expanding = QueryExpansion(searcher, expanders=expanders)
+    specs = {row.name: Expansion(row.method, samples=row.k, weight=row.weight,
+                                 fusion=row.fusion, guidance=row.guidance) for row in rows}
+    runs = {"none": lambda t: searcher.search(t, k=10)}
+    runs.update({name: (lambda t, s=spec: expanding.search(t, k=10, expansion=s))
+                 for name, spec in specs.items()})
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    expand: dict[str, list[float]] = {name: [] for name in runs}
     try:
-        searcher.search(texts[0], k=10)  # warm: model, index, caches
-
-        def median_ms(run) -> tuple[float, float]:
-            times, expand = [], []
-            for _ in range(repeats):
-                for text in texts:
+        for run in runs.values():  # warm: model, index, caches, the film cache
+            run(texts[0])
+        for _ in range(repeats):
+            for text in texts:
+                for name, run in runs.items():
                     t0 = time.perf_counter()
                     result = run(text)
-                    times.append((time.perf_counter() - t0) * 1000)
-                    expand.append(result.timings_ms.get("expand", 0.0))
-            return statistics.median(times), statistics.median(expand)
-
-        plain, _ = median_ms(lambda t: searcher.search(t, k=10))
-        out = {"none": {"total_ms": plain, "added_ms": 0.0, "expand_ms": 0.0}}
-        for row in rows:
-            spec = Expansion(row.method, samples=row.k, weight=row.weight, fusion=row.fusion,
-                             guidance=row.guidance)
-            expanding.search(texts[0], k=10, expansion=spec)
-            total, expand = median_ms(lambda t, s=spec: expanding.search(t, k=10, expansion=s))
-            out[row.name] = {"total_ms": total, "added_ms": total - plain, "expand_ms": expand}
-        return out
+                    times[name].append((time.perf_counter() - t0) * 1000)
+                    expand[name].append(result.timings_ms.get("expand", 0.0))
     finally:
         searcher.close()
+    plain = statistics.median(times["none"])
+    return {name: {"total_ms": statistics.median(times[name]),
+                   "added_ms": statistics.median(times[name]) - plain,
+                   "expand_ms": statistics.median(expand[name])} for name in runs}
 
 
 # --- main -------------------------------------------------------------------------------------
