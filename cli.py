@@ -258,7 +258,7 @@ def search_options(f: Callable) -> Callable:
 
 
 def expansion_options(f: Callable) -> Callable:
-    from_default = "ridge"  # retrieval.expansion.DEFAULT_METHOD, not imported: --help stays fast
+    from_default = "meanshift"  # = retrieval.expansion.DEFAULT_METHOD (not imported: fast --help)
     for decorator in reversed([
         click.option("--expand", type=click.Choice(["prior", "meanshift", "ridge", "pixels"]),
                      is_flag=False, flag_value=from_default, default=None,
@@ -315,7 +315,7 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
       clipdex search "a beach" --image ref.jpg --not people
       clipdex search "2:sunset" -t "0.5:mountains" --top 20
       clipdex search --image photo.jpg --target captions --json
-      clipdex search "a red circle" --expand ridge
+      clipdex search "a red circle" --expand
     An --image query never returns the query image itself. --expand moves a text query
     towards the image side of the space first (see `clipdex prior train`).
     """
