@@ -217,6 +217,6 @@ def _apply_precision(model: Any, precision: str, device: "torch.device") -> Any:
             warnings.simplefilter("ignore")  # the dynamic-quantisation API is deprecated
             # ModifiedResNet's attention pool reads its Linear weights directly: keep it fp32
             names = {name for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear) and "attnpool" not in name}
+                     if type(module) is torch.nn.Linear and "attnpool" not in name}
             return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8)
     return model

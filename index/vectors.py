@@ -115,7 +115,7 @@ class VectorIndex:
         if generation == self.generation and self.generation >= 0:
             return False
         store_ids = store.ids(self.kind)
-        if _needs_rebuild(self.factory, len(store_ids)):
+        if not self.index.is_trained or _needs_rebuild(self.factory, len(store_ids)):
             self.rebuild(store, generation=generation)
             return True
         have = _index_ids(self.index)
@@ -202,10 +202,15 @@ def _describe(index: "faiss.Index") -> str:
     return f"IVF{faiss.extract_index_ivf(index).nlist},Flat"
 
 
+def _nlist(count: int) -> int:
+    factory = index_type_for(count)
+    return int(factory[3:].split(",")[0]) if factory.startswith("IVF") else 1
+
+
 def _training_sample(store: Store, kind: str, count: int) -> np.ndarray:
     ids = store.ids(kind)
     rng = np.random.default_rng(0)
-    chosen = rng.choice(ids, size=min(len(ids), 100_000), replace=False)
+    chosen = rng.choice(ids, size=min(len(ids), max(100_000, 40 * _nlist(count))), replace=False)
     return np.concatenate([v for _, v in store.iter_vectors(kind, np.sort(chosen).tolist())])
 
 
