@@ -145,11 +145,17 @@ def caption_for(scene: Scene, variant: int = 0) -> str:
 
 
 def short_caption(scene: Scene, variant: int = 0) -> str:
-    """The few words a person types into a search box: "red circle", "two blue stars"."""
+    """The few words a person types into a search box: "red circle", "two blue stars".
+
+    Variants 0-2 name the count; variant 3 is the bare singular a person types whatever the
+    count ("red circle" for a picture of three red circles).
+    """
     noun = _plural(scene.shape, scene.count)
-    if variant % 3 == 0:
+    if variant % 4 == 3:
+        return f"{scene.colour} {scene.shape}"
+    if variant % 4 == 0:
         return f"{scene.colour} {noun}"
-    if variant % 3 == 1:
+    if variant % 4 == 1:
         return f"{'a' if scene.count == 1 else COUNT_WORDS[scene.count]} {scene.colour} {noun}"
     return f"{scene.colour} {noun} on {scene.background_colour}"
 

@@ -68,11 +68,57 @@ def test_batching_equals_one_by_one() -> None:
 
 def test_precisions_agree_with_fp32() -> None:
     images = [scenes.render(s, 96) for s in scenes.generate(16, seed=3)]
-    reference = Embedder.load("tiny", precision="fp32").encode_images(images)
+    texts = [scenes.caption_for(s, i) for i, s in enumerate(scenes.generate(16, seed=3))]
+    fp32 = Embedder.load("tiny", precision="fp32")
+    reference, reference_text = fp32.encode_images(images), fp32.encode_texts(texts)
     for precision in ("bf16", "int8"):
-        other = Embedder.load("tiny", precision=precision).encode_images(images)
-        cosine = (reference * other).sum(axis=1)
+        other = Embedder.load("tiny", precision=precision)
+        cosine = (reference * other.encode_images(images)).sum(axis=1)
         assert cosine.min() > 0.98, (precision, cosine.min())
+        cosine = (reference_text * other.encode_texts(texts)).sum(axis=1)
+        assert cosine.min() > 0.98, (precision, "text", cosine.min())
+
+
+def test_auto_precision_on_cpu_keeps_int8_only_where_it_matches_fp32(monkeypatch) -> None:
+    import index.embedder as embedder_module
+
+    auto = Embedder.load("tiny", device="cpu")  # precision="auto"
+    assert auto.precision == "int8"
+    assert set(auto.int8_probe_cosine) == {"image", "text"}
+    assert min(auto.int8_probe_cosine.values()) >= embedder_module.INT8_MIN_COSINE
+    monkeypatch.setattr(embedder_module, "INT8_MIN_COSINE", 1.01)  # nothing can pass
+    strict = Embedder.load("tiny", device="cpu")
+    assert strict.precision == "fp32"
+    texts = ["red circle", "three small green stars"]
+    np.testing.assert_allclose(strict.encode_texts(texts),
+                               Embedder.load("tiny", precision="fp32").encode_texts(texts),
+                               atol=1e-6)
+
+
+def test_split_attention_is_exact_and_handles_masks() -> None:
+    """The int8 path swaps nn.MultiheadAttention for plain-Linear attention: same outputs."""
+    import copy
+
+    import torch
+
+    from index.embedder import _split_attention
+
+    model = Embedder.load("tiny", precision="fp32").model
+    split = copy.deepcopy(model)
+    _split_attention(split)
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in split.modules())
+    tokens = Embedder.load("tiny", precision="fp32").tokenizer(["red circle", "two blue stars"])
+    with torch.inference_mode():  # the text tower uses a causal float mask
+        torch.testing.assert_close(split.encode_text(tokens), model.encode_text(tokens),
+                                   atol=1e-5, rtol=1e-4)
+        mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+        holder = torch.nn.Sequential(mha)
+        _split_attention(holder)
+        x = torch.randn(3, 5, 16)
+        mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)  # True = masked out
+        torch.testing.assert_close(holder[0](x, x, x, need_weights=False, attn_mask=mask)[0],
+                                   mha(x, x, x, need_weights=False, attn_mask=mask)[0],
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_tiny_loads_through_open_clip_local_dir() -> None:
