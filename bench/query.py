@@ -8,7 +8,7 @@ Run from the repository root (10k and 100k take about 2 minutes on 2 cores; 1M a
 
 For each size a library is built by writing rows with generated vectors straight into the
 SQLite store (SQLAlchemy bulk inserts; model meta `tiny`, dim 128), and `VectorIndex.open(...,
-save=True)` builds the index the library's size calls for (Flat up to FLAT_MAX_VECTORS, IVF
+save=True)` builds the index the library's size calls for (Flat up to flat_max_vectors(DIM), IVF
 above). Vectors come from an anisotropic Gaussian mixture with a shared mean direction, like
 CLIP embeddings, not uniform noise (which defeats every ANN index). Libraries are cached under
 --workdir. Then, side by side:
@@ -41,8 +41,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-DIM = 128  # the tiny model's embedding size
+DIM = 128  # the tiny model's embedding size; --model ViT-B-32:random makes it 512
 MODEL = "tiny"
+DIMS = {"tiny": 128, "ViT-B-32:random": 512}
 K = 10
 INSERT_CHUNK = 50_000
 CLUSTERS = 2_000
@@ -72,7 +73,8 @@ class Mixture:
     transform: np.ndarray  # DIM×DIM: rotation · diag(decaying scales)
 
     @classmethod
-    def make(cls, seed: int, dim: int = DIM, clusters: int = CLUSTERS) -> "Mixture":
+    def make(cls, seed: int, dim: int | None = None, clusters: int = CLUSTERS) -> "Mixture":
+        dim = dim or DIM  # read at call time: --model changes DIM
         rng = np.random.default_rng(seed)
         mean = _unit(rng.normal(size=dim)) * 0.75
         centres = _unit(rng.normal(size=(clusters, dim))) * 0.75
@@ -165,7 +167,7 @@ def insert_rows(store, vectors: np.ndarray, labels: np.ndarray) -> None:
 def build_index(store, home: Path) -> dict:
     """`VectorIndex.open(save=True)` as the write path does; falls back (and says so) if it fails.
 
-    The fallback exists because a store above FLAT_MAX_VECTORS with no index file yet made
+    The fallback exists because a store above the Flat threshold with no index file yet made
     `open` add vectors to an untrained IVF index ("'is_trained' failed") when this was written.
     """
     from index.vectors import VectorIndex
@@ -185,12 +187,39 @@ def build_index(store, home: Path) -> dict:
                 "index_note": "VectorIndex.open failed ('is_trained'); used rebuild() + save()"}
 
 
+def rebuild_index(home: Path) -> dict:
+    """A fresh index of the type the library's size calls for, from the cached store."""
+    from index.store import Store
+    from index.vectors import VectorIndex
+
+    store = Store(f"sqlite:///{home / 'library.db'}")
+    try:
+        started = time.perf_counter()
+        vi = VectorIndex.empty("image", DIM, home / "vectors", "IDMap2,Flat")
+        vi.rebuild(store)
+        vi.save()
+        return {"index_s": time.perf_counter() - started, "index": vi.describe(),
+                "index_note": "VectorIndex.rebuild() + save()"}
+    finally:
+        store.close()
+
+
 def cached_library(workdir: Path, n: int, seed: int, rebuild: bool,
                    vectors: np.ndarray, labels: np.ndarray) -> tuple[Path, dict]:
-    home = workdir / f"library-{n}-seed{seed}"
+    slug = "" if MODEL == "tiny" else "-" + MODEL.replace(":", "-").replace("/", "-")
+    home = workdir / f"library-{n}-seed{seed}{slug}"
     marker = home / "bench-build.json"
     if marker.exists() and not rebuild:
-        return home, {**json.loads(marker.read_text()), "cached": True}
+        info = json.loads(marker.read_text())
+        from index.vectors import index_type_for
+
+        if info.get("index", {}).get("type") == index_type_for(n, DIM):
+            return home, {**info, "cached": True}
+        log(f"  the cached library's index ({info.get('index', {}).get('type')}) is not the "
+            f"type the library now calls for ({index_type_for(n, DIM)}): rebuilding the index only")
+        info.update(rebuild_index(home))
+        marker.write_text(json.dumps(info))
+        return home, {**info, "cached": True}
     shutil.rmtree(home, ignore_errors=True)
     log(f"  building a {n:,}-vector library under {home}")
     info = build_library(home, vectors, labels)
@@ -282,6 +311,64 @@ def cold_cli(home: Path, runs: int) -> dict:
             "cli_command": " ".join(command)}
 
 
+COLD_STAGES = r"""
+import json, sys, time
+t = [time.perf_counter()]
+import cli  # noqa: F401  (what `clipdex` imports before it parses arguments)
+t.append(time.perf_counter())
+import faiss, numpy, open_clip, sqlalchemy, torch  # noqa: F401,E401
+t.append(time.perf_counter())
+from retrieval import Searcher
+searcher = Searcher.open(sys.argv[1])
+t.append(time.perf_counter())
+embedder = searcher.embedder
+t.append(time.perf_counter())
+searcher.index_for("images")
+t.append(time.perf_counter())
+searcher.search(sys.argv[2], k=10)
+t.append(time.perf_counter())
+names = ["cli_import", "heavy_imports", "open_library", "model_load", "index_load", "search"]
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the (large) bench process
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"precision": embedder.precision,
+                  "peak_rss_mb": hwm / 1024,
+                  **{n + "_s": b - a for n, a, b in zip(names, t, t[1:])}}))
+"""
+
+
+def cold_breakdown(home: Path, runs: int) -> dict:
+    """Where a cold query's time goes: a fresh interpreter doing the CLI's steps one by one.
+
+    Interpreter start is the wall time of the process minus the stages it timed itself.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    samples = []
+    for attempt in range(runs + 1):
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", COLD_STAGES, str(home), CLI_QUERY],
+                              capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"cold-start probe failed: {done.stderr[-2000:]}")
+        stages = json.loads(done.stdout.strip().splitlines()[-1])
+        timed = sum(v for k, v in stages.items() if k.endswith("_s"))
+        stages.update(interpreter_s=wall - timed, wall_s=wall)
+        if attempt:
+            samples.append(stages)
+    keys = [k for k in samples[0] if k.endswith("_s")]
+    return {"cold_stages": {k: statistics.median(s[k] for s in samples) for k in keys},
+            "cold_precision": samples[0]["precision"],
+            "cold_peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in samples)}
+
+
+def disk_per_vector(home: Path, n: int) -> dict:
+    """Bytes per image on disk: the FAISS file(s) and the SQLite store (rows + vectors)."""
+    index_bytes = sum(p.stat().st_size for p in (home / "vectors").glob("image-*.faiss"))
+    store_bytes = sum(p.stat().st_size for p in home.glob("library.db*"))
+    return {"index_bytes_per_vector": index_bytes / n, "store_bytes_per_vector": store_bytes / n}
+
+
 def clipdex_executable() -> str:
     beside = Path(sys.executable).parent / "clipdex"
     found = str(beside) if beside.exists() else shutil.which("clipdex")
@@ -305,12 +392,14 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
         searcher.close()
     row = {"vectors": n, **build, **data_stats(vectors, args.seed), **warm, **recall,
            **brute_force(home / "library.db", vectors, queries, args.baseline_runs),
-           **cold_cli(home, args.cli_runs)}
+           **cold_cli(home, args.cli_runs), **cold_breakdown(home, args.cli_runs),
+           **disk_per_vector(home, n)}
     row["brute_over_search"] = row["brute_force_ms"] / (row["search_ms"] + row["hydrate_ms"])
     row["brute_plus_encode_over_total"] = (row["brute_force_ms"] + row["encode_ms"]) / \
         row["total_ms"]
     log(f"  warm {row['total_ms']:.1f} ms, recall@10 {row['recall_at_10']:.3f}, "
-        f"brute force {row['brute_force_ms']:.0f} ms, cold CLI {row['cold_cli_s']:.2f} s")
+        f"brute force {row['brute_force_ms']:.0f} ms, cold CLI {row['cold_cli_s']:.2f} s "
+        f"({', '.join(f'{k[:-2]} {v:.2f}' for k, v in row['cold_stages'].items())})")
     return row
 
 
@@ -331,7 +420,15 @@ def markdown(rows: list[dict], env: dict) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
     notes = sorted({r["index_note"] for r in rows})
-    return "\n".join(lines + ["", "Index built with: " + "; ".join(notes)])
+    lines += ["", "Index built with: " + "; ".join(notes), "",
+              f"Cold start ({MODEL}, model precision {rows[0]['cold_precision']}), median "
+              f"seconds per stage of a fresh process:", ""]
+    stages = list(rows[0]["cold_stages"])
+    lines += ["| vectors | " + " | ".join(k[:-2] for k in stages) + " |",
+              "|" + "---|" * (len(stages) + 1)]
+    lines += [f"| {r['vectors']:,} | " + " | ".join(f"{r['cold_stages'][k]:.2f}" for k in stages)
+              + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def parse_size(text: str) -> int:
@@ -358,6 +455,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-runs", type=int, default=3,
                         help="timed runs of the brute-force baseline per size")
     parser.add_argument("--cli-runs", type=int, default=3, help="timed cold CLI runs per size")
+    parser.add_argument("--model", choices=sorted(DIMS), default="tiny",
+                        help="the library's model: sets the vector size and what encodes "
+                             "the text queries (ViT-B-32:random has the pretrained one's cost)")
     parser.add_argument("--json-out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     default = "10k,100k,1m" if args.large else "10k,100k"
@@ -375,7 +475,9 @@ def _load() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = {"cpus": os.cpu_count(), "load_start": _load(),
+    global MODEL, DIM
+    MODEL, DIM = args.model, DIMS[args.model]
+    env = {"model": MODEL, "cpus": os.cpu_count(), "load_start": _load(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     rows = [bench_size(n, args) for n in args.sizes]
     env["load_end"] = _load()

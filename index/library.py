@@ -119,12 +119,14 @@ class Library:
         return report
 
     # --- read side helpers ------------------------------------------------------------------
-    def vector_index(self, kind: str) -> VectorIndex:
+    def vector_index(self, kind: str, *, mmap: bool = False) -> VectorIndex:
+        """The kind's index for reading, caught up in memory; `mmap` maps the file instead of
+        loading it (instant open for one-shot queries, slower per query)."""
         recorded = self.store.model_fingerprint()
         if recorded is None:
             raise EmptyLibrary(f"the library at {self.settings.home} is empty: add images with "
                                f"`clipdex index PATH` or captions with `clipdex captions add FILE`")
-        return VectorIndex.open(self.store, kind, recorded[1], self.settings.index_dir)
+        return VectorIndex.open(self.store, kind, recorded[1], self.settings.index_dir, mmap=mmap)
 
     def failures(self) -> list[Failure]:
         with self.store.session() as s:

@@ -24,23 +24,46 @@ from .store import Store
 if TYPE_CHECKING:
     import faiss
 
-__all__ = ["FLAT_MAX_VECTORS", "VectorIndex", "index_type_for"]
+__all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "flat_max_vectors", "index_type_for"]
 
-# Exact search while a library is small: Flat over 100k×512 costs ~15 ms/query on 2 cores, and
-# no ANN index is worth its build time and recall loss below that. Tuned by bench (issue 5).
-FLAT_MAX_VECTORS = 100_000
-IVF_NPROBE = 16
+# Measured with bench/index_choice.py (512-d clustered unit vectors, 2 threads, 2026-11-27;
+# bench/results/index_choice.json), p50 of one query:
+#   Flat: 0.96 ms at 10k, 20 ms at 100k, 178 ms at 1M (cost ~ vectors × dim).
+#   IVF{4·sqrt(n)},Flat nprobe 16: 0.06 ms at 10k, 0.37 ms at 100k, 1.1 ms at 1M, recall@10 1.0
+#   on that mixture; on bench/query.py's harder one (2000 Zipf-sized clusters) 0.98 at 1M, so
+#   nlist = 4·sqrt(n) was the fastest at nprobe 16: 1M 2048/4096/8192 lists 1.65/1.10/1.20 ms,
+#   100k 512/1024/2048 0.53/0.37/0.38.
+# That mixture (50-1000 equal clusters) flatters IVF. On bench/query.py's (2000 Zipf-sized
+# clusters) a fixed nprobe 16 gave recall@10 0.98 at 1M but 0.83 at 100k, where IVF1024 needed
+# nprobe 64 (0.95 at 128-d and 512-d, 0.5 / 2.0 ms): what keeps recall is scanning a similar
+# *number of vectors* (~3-4k at both sizes for 0.95-0.98), not of lists. So nprobe scans about
+# IVF_SCAN_VECTORS, never fewer than IVF_MIN_NPROBE lists (/tmp/nprobe.py-style sweep, noted in
+# the issue 5 closing note).
+#   HNSW: no faster at equal recall (100k: M32 efSearch 128 0.30 ms, recall 0.98) and FAISS
+#   cannot remove ids from it, which every library needs. IVF-PQ (4-bit fast scan, m 32/64):
+#   recall 0.07-0.10, 0.5 even with 10× exact re-ranking at 100k, so not used; 8-bit PQ took 70 s
+#   to train on 10k vectors.
+# Exact search while Flat costs about 2 ms or less (vectors × dim ≤ 10M: 19.5k ViT-B-32 vectors,
+# 78k of the tiny model's), where its exactness is worth more than a millisecond; IVF above.
+# At 1M the IVF file (~2 KB/vector) is not compressed: one-shot CLI queries memory-map it.
+FLAT_MAX_COMPONENTS = 10_000_000
+IVF_SCAN_VECTORS = 8192
+IVF_MIN_NPROBE = 16
 _FILE = re.compile(r"^(?P<kind>image|caption)-(?P<gen>\d+)\.faiss$")
 
 Progress = Callable[[str], None]
 
 
-def index_type_for(count: int) -> str:
-    """The index_factory string for a library holding `count` vectors."""
-    if count <= FLAT_MAX_VECTORS:
+def flat_max_vectors(dim: int) -> int:
+    """The most `dim`-sized vectors searched exactly (Flat) before an IVF index takes over."""
+    return FLAT_MAX_COMPONENTS // max(1, dim)
+
+
+def index_type_for(count: int, dim: int) -> str:
+    """The index_factory string for a library holding `count` vectors of `dim` floats."""
+    if count <= flat_max_vectors(dim):
         return "IDMap2,Flat"
-    nlist = 1 << int(round(math.log2(4 * math.sqrt(count))))
-    return f"IVF{nlist},Flat"
+    return f"IVF{_nlist(count)},Flat"
 
 
 def _faiss():
@@ -74,24 +97,28 @@ class VectorIndex:
     # --- opening ----------------------------------------------------------------------------
     @classmethod
     def open(cls, store: Store, kind: str, dim: int, directory: Path, *,
-             save: bool = False) -> "VectorIndex":
+             save: bool = False, mmap: bool = False) -> "VectorIndex":
         """Load the newest saved index for `kind` and catch it up with the store.
 
         With `save`, a caught-up or rebuilt index is written back (the write path does this;
-        readers only catch up in memory). Readers memory-map the file (IO_FLAG_MMAP): a 1M-vector
-        index costs page cache for the lists a query touches, not 2 GB of copied heap, and opens
-        in milliseconds; it is copied into memory only if it has to be caught up.
+        readers only catch up in memory). With `mmap` (readers only) the file is memory-mapped
+        (IO_FLAG_MMAP): a 1M×512 index opens in milliseconds instead of ~3 s and costs page cache
+        rather than 2 GB of heap, but each IVF query is slower (1M×128, nprobe 34: 3.8-4.9 ms
+        mapped vs 0.6-0.7 ms loaded; 0.73 s to load). The one-shot CLI maps; the server and the
+        Python API load. A mapped index is copied into memory only if it must be caught up.
         """
         faiss = _faiss()
         path, generation = cls._newest_file(directory, kind)
         if path is not None:
-            flags = 0 if save else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            mapped = mmap and not save
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
             index = faiss.read_index(str(path), flags)
+            _set_search_knobs(index)
             factory = getattr(index, "clipdex_factory", None) or _describe(index)
             vi = cls(kind, dim, directory, index, generation, factory,
-                     mapped_from=None if save else path)
+                     mapped_from=path if mapped else None)
         else:
-            vi = cls.empty(kind, dim, directory, index_type_for(store.count(kind)))
+            vi = cls.empty(kind, dim, directory, index_type_for(store.count(kind), dim))
         changed = vi.catch_up(store)
         if save and (changed or path is None):
             vi.save()
@@ -119,13 +146,12 @@ class VectorIndex:
         generation = store.generation(self.kind)
         if generation == self.generation and self.generation >= 0:
             return False
+        if self.mapped_from is not None:  # a mapped index is read-only: load a copy first
+            self._load_in_memory()
         store_ids = store.ids(self.kind)
-        if not self.index.is_trained or _needs_rebuild(self.factory, len(store_ids)):
+        if not self.index.is_trained or _needs_rebuild(self.factory, len(store_ids), self.dim):
             self.rebuild(store, generation=generation)
             return True
-        if self.mapped_from is not None:  # a mapped index is read-only: copy it in first
-            self.index = _faiss().read_index(str(self.mapped_from))
-            self.mapped_from = None
         have = _index_ids(self.index)
         missing = np.setdiff1d(store_ids, have, assume_unique=True)
         gone = np.setdiff1d(have, store_ids, assume_unique=True)
@@ -133,21 +159,44 @@ class VectorIndex:
             self.index.remove_ids(_faiss().IDSelectorBatch(gone))
         for ids, vectors in store.iter_vectors(self.kind, missing.tolist()):
             self.index.add_with_ids(vectors, ids)
+        _set_search_knobs(self.index)  # nprobe follows the size
         self.generation = generation
         return True
+
+    def _load_in_memory(self) -> None:
+        """Swap a memory-mapped index for an in-memory copy of the newest saved file.
+
+        Not the mapped file itself: a writer may have saved a newer one and deleted it since.
+        """
+        faiss = _faiss()
+        for _ in range(3):
+            path, generation = self._newest_file(self.directory, self.kind)
+            if path is None:
+                break
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError:  # replaced between listing and reading: look again
+                continue
+            _set_search_knobs(index)
+            self.index, self.generation, self.mapped_from = index, generation, None
+            self.factory = getattr(index, "clipdex_factory", None) or _describe(index)
+            return
+        # nothing readable: start empty, and catch_up adds (or rebuilds) from the store
+        self.index = VectorIndex.empty(self.kind, self.dim, self.directory, self.factory).index
+        self.generation, self.mapped_from = -1, None
 
     def rebuild(self, store: Store, *, generation: int | None = None,
                 progress: Progress | None = None) -> None:
         """Build a fresh index of the type the library's size calls for, from the store."""
         generation = store.generation(self.kind) if generation is None else generation
         count = store.count(self.kind)
-        factory = index_type_for(count)
+        factory = index_type_for(count, self.dim)
         fresh = VectorIndex.empty(self.kind, self.dim, self.directory, factory)
         if not fresh.index.is_trained:
             if progress:
                 progress(f"training {factory} on {count} {self.kind} vectors")
             fresh.index.train(_training_sample(store, self.kind, count))
-            _faiss().extract_index_ivf(fresh.index).nprobe = IVF_NPROBE
+            _set_search_knobs(fresh.index, count)
         for ids, vectors in store.iter_vectors(self.kind):
             fresh.index.add_with_ids(vectors, ids)
         self.index, self.factory, self.generation = fresh.index, factory, generation
@@ -157,6 +206,11 @@ class VectorIndex:
     @property
     def exact(self) -> bool:
         return self.factory.endswith(",Flat") and not self.factory.startswith("IVF")
+
+    @property
+    def exact_scores(self) -> bool:
+        """Whether the index keeps full vectors, so the scores it returns need no re-scoring."""
+        return self.factory.endswith(",Flat")
 
     @property
     def size(self) -> int:
@@ -192,9 +246,9 @@ class VectorIndex:
                 "generation": self.generation, "memory_mapped": self.mapped_from is not None}
 
 
-def _needs_rebuild(factory: str, count: int) -> bool:
+def _needs_rebuild(factory: str, count: int, dim: int) -> bool:
     """A rebuild when the library crosses the Flat/IVF line or outgrows its IVF lists 4×."""
-    wanted = index_type_for(count)
+    wanted = index_type_for(count, dim)
     if wanted.startswith("IVF") != factory.startswith("IVF"):
         return True
     if not wanted.startswith("IVF"):
@@ -202,6 +256,21 @@ def _needs_rebuild(factory: str, count: int) -> bool:
     have_nlist = int(factory[3:].split(",")[0])
     want_nlist = int(wanted[3:].split(",")[0])
     return not (want_nlist / 4 <= have_nlist <= want_nlist * 4)
+
+
+def ivf_nprobe(nlist: int, count: int) -> int:
+    """Lists to visit: about IVF_SCAN_VECTORS vectors, at least IVF_MIN_NPROBE lists."""
+    return min(nlist, max(IVF_MIN_NPROBE, math.ceil(IVF_SCAN_VECTORS * nlist / max(1, count))))
+
+
+def _set_search_knobs(index: "faiss.Index", count: int | None = None) -> None:
+    """Search-time settings come from the constants above, not from what a file was saved with.
+
+    `count` is the library's size when the index is still empty (a rebuild sets it first).
+    """
+    if not hasattr(index, "id_map"):
+        ivf = _faiss().extract_index_ivf(index)
+        ivf.nprobe = ivf_nprobe(ivf.nlist, count if count is not None else int(index.ntotal))
 
 
 def _describe(index: "faiss.Index") -> str:
@@ -212,8 +281,7 @@ def _describe(index: "faiss.Index") -> str:
 
 
 def _nlist(count: int) -> int:
-    factory = index_type_for(count)
-    return int(factory[3:].split(",")[0]) if factory.startswith("IVF") else 1
+    return 1 << int(round(math.log2(4 * math.sqrt(max(1, count)))))
 
 
 def _training_sample(store: Store, kind: str, count: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 A query is a weighted sum of unit vectors (texts and images; `--not` terms have negative
 weights), normalised again: q = normalise(Σ wᵢ·vᵢ). Candidates come from the FAISS index; when
-that index is approximate they are re-scored exactly from the stored vectors, then filtered
+it stores compressed codes they are re-scored exactly from the stored vectors (Flat and IVF-Flat
+keep full vectors, so their scores are exact already), then filtered
 (--under, --threshold, the query image itself, --dedup) and cut to --offset/--top.
 """
 
@@ -55,15 +56,16 @@ def _looks_like_image(value: str) -> bool:
 class Searcher:
     """Answers queries against one library, keeping its vector indexes warm between queries."""
 
-    def __init__(self, library: Library, *, precision: str = "auto") -> None:
+    def __init__(self, library: Library, *, precision: str = "auto", mmap: bool = False) -> None:
         self.library = library
         self.precision = precision
+        self.mmap = mmap  # map index files instead of loading them (one-shot queries)
         self._indexes: dict[str, VectorIndex] = {}
 
     @classmethod
     def open(cls, home: str | os.PathLike | None = None, *, db: str | None = None,
-             precision: str = "auto") -> "Searcher":
-        return cls(Library.open(home, db=db), precision=precision)
+             precision: str = "auto", mmap: bool = False) -> "Searcher":
+        return cls(Library.open(home, db=db), precision=precision, mmap=mmap)
 
     def close(self) -> None:
         self.library.close()
@@ -80,7 +82,7 @@ class Searcher:
         kind = KIND_OF_TARGET[target]
         vi = self._indexes.get(kind)
         if vi is None:
-            vi = self._indexes[kind] = self.library.vector_index(kind)
+            vi = self._indexes[kind] = self.library.vector_index(kind, mmap=self.mmap)
         else:
             vi.catch_up(self.library.store)
         return vi
@@ -176,7 +178,7 @@ class Searcher:
                  ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keep = ids >= 0
         scores, ids = scores[keep], ids[keep]
-        if vi.exact or not len(ids):
+        if vi.exact_scores or not len(ids):  # Flat codes: FAISS's scores are already exact
             return scores, ids
         stored = self.library.store.vectors_for(vi.kind, ids.tolist())
         exact = np.array([float(stored[int(i)] @ vector) for i in ids], np.float32)

@@ -95,6 +95,27 @@ def test_auto_precision_on_cpu_keeps_int8_only_where_it_matches_fp32(monkeypatch
                                atol=1e-6)
 
 
+def test_trimmed_text_encoding_equals_open_clips_full_context() -> None:
+    """Texts stop at their end-of-text token; padding after it must not matter."""
+    import torch
+
+    from index.embedder import encode_text_trimmed
+
+    embedder = Embedder.load("tiny", precision="fp32")
+    texts = ["red circle", "wow! a very small green star!", "",  # "!" is token id 0
+             " ".join(["a large blue hexagon"] * 20)]  # longer than the context: truncated
+    tokens = embedder.tokenizer(texts)
+    with torch.inference_mode():
+        full = embedder.model.encode_text(tokens)
+        torch.testing.assert_close(encode_text_trimmed(embedder.model, tokens), full,
+                                   atol=1e-5, rtol=1e-4)
+        one = encode_text_trimmed(embedder.model, tokens[:1])  # trimmed to 4 positions
+        torch.testing.assert_close(one, full[:1], atol=1e-5, rtol=1e-4)
+    batched = embedder.encode_texts(texts, batch_size=2)  # sorted by length, then put back
+    expected = torch.nn.functional.normalize(full, dim=-1).numpy()
+    np.testing.assert_allclose(batched, expected, atol=1e-5)
+
+
 def test_split_attention_is_exact_and_handles_masks() -> None:
     """The int8 path swaps nn.MultiheadAttention for plain-Linear attention: same outputs."""
     import copy

@@ -1,0 +1,102 @@
+"""The derived FAISS indexes past the Flat/IVF threshold, and memory-mapped readers.
+
+The threshold is lowered for these tests (the real one is set in index/vectors.py from
+bench/index_choice.py), so a few hundred small vectors exercise the IVF path for real.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import delete, insert
+
+from index import vectors
+from index.store import ImageRow, Store
+from index.vectors import VectorIndex
+
+DIM = 16
+
+
+@pytest.fixture()
+def small_threshold(monkeypatch):
+    monkeypatch.setattr(vectors, "FLAT_MAX_COMPONENTS", 100 * DIM)  # Flat up to 100
+
+
+def _clustered(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).standard_normal((8, DIM))
+    x = centres[rng.integers(0, 8, n)] + 0.3 * rng.standard_normal((n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _add(store: Store, vecs: np.ndarray, first: int) -> None:
+    rows = [{"path": f"/p/{first + i}.jpg", "size": 1, "mtime_ns": 1,
+             "content_hash": f"{first + i:x}", "width": 1, "height": 1, "vector": v.tobytes(),
+             "added_at": time.time()}
+            for i, v in enumerate(vecs)]
+    with store.session() as s, s.begin():
+        s.execute(insert(ImageRow), rows)
+        store.bump_generation(s, "image")
+
+
+def _store(tmp_path: Path) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'library.db'}")
+    store.claim_model("test", DIM, "none")
+    return store
+
+
+def test_large_library_without_an_index_file_gets_a_trained_ivf(tmp_path, small_threshold):
+    store = _store(tmp_path)
+    data = _clustered(400, seed=1)
+    _add(store, data, 0)
+    vi = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert vi.factory.startswith("IVF") and vi.index.is_trained and vi.size == 400
+    assert not vi.exact
+    ids = np.sort(store.ids("image"))
+    queries = _clustered(20, seed=2)
+    _, found = vi.search(queries, 10)
+    truth = np.argsort(-(queries @ data.T), axis=1)[:, :10] + ids[0]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+    assert recall >= 0.9, recall
+    assert list((tmp_path / "vectors").glob("image-*.faiss"))  # saved once, at the end
+
+
+def test_crossing_the_threshold_rebuilds_once_and_readers_do_not(tmp_path, small_threshold):
+    store = _store(tmp_path)
+    _add(store, _clustered(60, seed=3), 0)
+    first = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert first.factory == "IDMap2,Flat"
+    _add(store, _clustered(300, seed=4), 60)
+    writer = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert writer.factory.startswith("IVF") and writer.size == 360
+    reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", mmap=True)
+    assert reader.factory == writer.factory and reader.generation == writer.generation
+    assert reader.mapped_from is not None  # memory-mapped, nothing rebuilt or copied
+    loaded = VectorIndex.open(store, "image", DIM, tmp_path / "vectors")  # the default: loaded
+    assert loaded.mapped_from is None and loaded.generation == writer.generation
+
+
+def test_a_memory_mapped_reader_catches_up_after_changes(tmp_path, small_threshold):
+    store = _store(tmp_path)
+    _add(store, _clustered(300, seed=5), 0)
+    VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", mmap=True)
+    assert reader.mapped_from is not None
+    gone = store.ids("image")[:25]
+    with store.session() as s, s.begin():
+        s.execute(delete(ImageRow).where(ImageRow.id.in_([int(i) for i in gone])))
+        store.bump_generation(s, "image")
+    _add(store, _clustered(30, seed=6), 1000)
+    # a writer saves a newer file meanwhile and deletes the one the reader maps
+    writer = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert not (tmp_path / "vectors" / reader.mapped_from.name).exists()
+    _add(store, _clustered(5, seed=8), 2000)
+    assert reader.catch_up(store)  # a mapped index is read-only: a copy is loaded first
+    assert writer.generation < reader.generation == store.generation("image")
+    assert reader.mapped_from is None
+    assert set(vectors._index_ids(reader.index)) == set(store.ids("image"))
+    _, found = reader.search(_clustered(5, seed=7), 10)
+    assert not set(found.ravel()) & set(gone)
