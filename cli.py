@@ -148,6 +148,9 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
                desc="embedding")
 
     def progress(p) -> None:
+        if p.phase == "index":  # rebuilding the vector index after the library grew
+            bar.set_description(p.counts["index"], refresh=True)
+            return
         if bar.total != p.total:
             bar.total = p.total
         bar.n = p.done

@@ -319,7 +319,7 @@ t.append(time.perf_counter())
 import faiss, numpy, open_clip, sqlalchemy, torch  # noqa: F401,E401
 t.append(time.perf_counter())
 from retrieval import Searcher
-searcher = Searcher.open(sys.argv[1])
+searcher = Searcher.open(sys.argv[1], mmap=True)  # as `clipdex search` does
 t.append(time.perf_counter())
 embedder = searcher.embedder
 t.append(time.perf_counter())

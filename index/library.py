@@ -13,7 +13,7 @@ from sqlalchemy import select
 from .captions import CaptionReport, add_captions
 from .embedder import Embedder
 from .errors import EmptyLibrary
-from .ingest import IngestReport, ProgressFn, ingest_images
+from .ingest import IngestProgress, IngestReport, ProgressFn, ingest_images
 from .settings import DEFAULT_MODEL, Settings
 from .store import FailureRow, Store, check_model
 from .vectors import VectorIndex
@@ -101,7 +101,12 @@ class Library:
             dim = embedder.dim
         report = ingest_images(self.store, embedder, [Path(p) for p in paths], exclude=exclude,
                                include_hidden=include_hidden, workers=workers, progress=progress)
-        images = VectorIndex.open(self.store, "image", dim, self.settings.index_dir, save=True)
+        def note(message: str) -> None:  # a rebuild after crossing a threshold says so
+            if progress:
+                progress(IngestProgress("index", 0, 0, {"index": message}))
+
+        images = VectorIndex.open(self.store, "image", dim, self.settings.index_dir, save=True,
+                                  progress=note)
         captions = VectorIndex.open(self.store, "caption", dim, self.settings.index_dir,
                                     save=True)
         from dataclasses import replace

@@ -97,7 +97,8 @@ class VectorIndex:
     # --- opening ----------------------------------------------------------------------------
     @classmethod
     def open(cls, store: Store, kind: str, dim: int, directory: Path, *,
-             save: bool = False, mmap: bool = False) -> "VectorIndex":
+             save: bool = False, mmap: bool = False,
+             progress: Progress | None = None) -> "VectorIndex":
         """Load the newest saved index for `kind` and catch it up with the store.
 
         With `save`, a caught-up or rebuilt index is written back (the write path does this;
@@ -119,7 +120,7 @@ class VectorIndex:
                      mapped_from=path if mapped else None)
         else:
             vi = cls.empty(kind, dim, directory, index_type_for(store.count(kind), dim))
-        changed = vi.catch_up(store)
+        changed = vi.catch_up(store, progress=progress)
         if save and (changed or path is None):
             vi.save()
         return vi
@@ -141,7 +142,7 @@ class VectorIndex:
         return best
 
     # --- keeping in step --------------------------------------------------------------------
-    def catch_up(self, store: Store) -> bool:
+    def catch_up(self, store: Store, *, progress: Progress | None = None) -> bool:
         """Bring the index to the store's current generation; True when anything changed."""
         generation = store.generation(self.kind)
         if generation == self.generation and self.generation >= 0:
@@ -150,7 +151,7 @@ class VectorIndex:
             self._load_in_memory()
         store_ids = store.ids(self.kind)
         if not self.index.is_trained or _needs_rebuild(self.factory, len(store_ids), self.dim):
-            self.rebuild(store, generation=generation)
+            self.rebuild(store, generation=generation, progress=progress)
             return True
         have = _index_ids(self.index)
         missing = np.setdiff1d(store_ids, have, assume_unique=True)
@@ -197,6 +198,8 @@ class VectorIndex:
                 progress(f"training {factory} on {count} {self.kind} vectors")
             fresh.index.train(_training_sample(store, self.kind, count))
             _set_search_knobs(fresh.index, count)
+        if progress:
+            progress(f"adding {count} {self.kind} vectors to {factory}")
         for ids, vectors in store.iter_vectors(self.kind):
             fresh.index.add_with_ids(vectors, ids)
         self.index, self.factory, self.generation = fresh.index, factory, generation
