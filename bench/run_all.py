@@ -154,7 +154,8 @@ def machine() -> str:
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch "
-            f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; load average now {load}")
+            f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; load average when this table "
+            f"was written {load}")
 
 
 def update_readme(text: str) -> None:
