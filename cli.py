@@ -51,6 +51,23 @@ def _library(ctx: click.Context):
     return Library.open(obj["home"], db=obj["db"])
 
 
+def _counting_bar(ctx: click.Context, unit: str, desc: str | None = None):
+    """A tqdm bar on stderr (off with --quiet) and its `update(done, total, **postfix)`."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit=unit, disable=not _progress_enabled(ctx), file=sys.stderr,
+               desc=desc)
+
+    def update(done: int, total: int, **postfix: str) -> None:
+        bar.total, bar.n = total, done
+        if postfix:
+            bar.set_postfix(postfix, refresh=True)
+        else:
+            bar.refresh()
+
+    return bar, update
+
+
 def _progress_enabled(ctx: click.Context) -> bool:
     return not ctx.find_root().obj["quiet"] and sys.stderr.isatty()
 
@@ -200,15 +217,8 @@ def captions_add(ctx: click.Context, file: Path, fmt: str | None, model: str | N
     annotations[].caption. Captions whose image is indexed are linked to it. Adding the same
     file twice adds nothing.
     """
-    from tqdm import tqdm
-
     library = _library(ctx)
-    bar = tqdm(total=0, unit="caption", disable=not _progress_enabled(ctx), file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        bar.total, bar.n = total, done
-        bar.refresh()
-
+    bar, progress = _counting_bar(ctx, "caption")
     try:
         report = library.add_captions(file, format=fmt, model=model, precision=precision,
                                       progress=progress)
@@ -476,18 +486,14 @@ def prior_train(ctx: click.Context, steps: int | None, epochs: float, seed: int,
     prior.json in the library folder; tied to the library's model. Minutes on 2 cores for
     ~50k pairs.
     """
-    from tqdm import tqdm
-
     from retrieval.expansion import train_expanders
     from retrieval.prior import TrainConfig
 
     library = _library(ctx)
-    bar = tqdm(total=0, unit="step", disable=not _progress_enabled(ctx), file=sys.stderr,
-               desc="training prior")
+    bar, update = _counting_bar(ctx, "step", desc="training prior")
 
     def progress(done: int, total: int, loss: float) -> None:
-        bar.total, bar.n = total, done
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=True)
+        update(done, total, loss=f"{loss:.4f}")
 
     try:
         report = train_expanders(library, train=TrainConfig(steps=steps, epochs=epochs,

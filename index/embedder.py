@@ -7,6 +7,7 @@ through open_clip's `local-dir:` path like any other local model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -239,9 +240,12 @@ def encode_text_trimmed(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
     """open_clip's CLIP.encode_text, run only up to the batch's last end-of-text token.
 
     The text tower is causal and pools the end-of-text position, so the padding after it cannot
-    change the result: a 3-word query costs ~6 positions instead of the context's 77 (ViT-B-32
-    text: ~10× less work). Models that pool otherwise or are not causal take the normal path.
+    change the result: a 12-token query runs 12 positions instead of the context's 77 (ViT-B-32
+    text tower, one query: 44 → 19 ms measured). Models that pool otherwise or are not causal
+    take the normal path.
     """
+    import torch
+
     mask = getattr(model, "attn_mask", None)
     if (getattr(model, "text_pool_type", None) != "argmax" or mask is None
             or not hasattr(model, "positional_embedding") or not hasattr(model, "ln_final")):
@@ -253,17 +257,11 @@ def encode_text_trimmed(model: Any, tokens: "torch.Tensor") -> "torch.Tensor":
     x = x + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=mask[:length, :length])
     x = model.ln_final(x)
-    x = x[_row_index(x), tokens.argmax(dim=-1)]
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
     projection = model.text_projection
     if projection is None:
         return x
     return projection(x) if callable(projection) else x @ projection
-
-
-def _row_index(x: "torch.Tensor") -> "torch.Tensor":
-    import torch
-
-    return torch.arange(x.shape[0], device=x.device)
 
 
 def _normalise(features: "torch.Tensor") -> np.ndarray:
@@ -328,7 +326,7 @@ def _apply_precision(model: Any, precision: str, device: "torch.device",
 
 
 def _split_attention(model: Any, towers: Sequence[str] = TOWERS) -> None:
-    """Swap every nn.MultiheadAttention for `_SelfAttention`, whose projections are plain Linears.
+    """Swap every nn.MultiheadAttention for a SelfAttention whose projections are plain Linears.
 
     nn.MultiheadAttention keeps its input projection as a bare parameter, so dynamic quantisation
     leaves it (and, via the fused fast path, the output projection) in fp32: on ViT-B-32 that is
@@ -341,10 +339,11 @@ def _split_attention(model: Any, towers: Sequence[str] = TOWERS) -> None:
             full = f"{parent_name}.{name}" if parent_name else name
             if (type(child) is torch.nn.MultiheadAttention and child._qkv_same_embed_dim
                     and _tower(full) in towers):
-                setattr(parent, name, _SelfAttention.from_mha(child))
+                setattr(parent, name, _self_attention_class().from_mha(child))
 
 
-def _self_attention_class():
+@functools.cache
+def _self_attention_class():  # built on first use: torch is imported lazily
     import torch
     import torch.nn.functional as F
 
@@ -385,15 +384,3 @@ def _self_attention_class():
             return (out if self.batch_first else out.transpose(0, 1)), None
 
     return SelfAttention
-
-
-class _LazySelfAttention:
-    _cls = None
-
-    def from_mha(self, mha):
-        if _LazySelfAttention._cls is None:
-            _LazySelfAttention._cls = _self_attention_class()
-        return _LazySelfAttention._cls.from_mha(mha)
-
-
-_SelfAttention = _LazySelfAttention()
