@@ -37,8 +37,7 @@ __all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "flat_max_vectors", "index_type
 # clusters) a fixed nprobe 16 gave recall@10 0.98 at 1M but 0.83 at 100k, where IVF1024 needed
 # nprobe 64 (0.95 at 128-d and 512-d, 0.5 / 2.0 ms): what keeps recall is scanning a similar
 # *number of vectors* (~3-4k at both sizes for 0.95-0.98), not of lists. So nprobe scans about
-# IVF_SCAN_VECTORS, never fewer than IVF_MIN_NPROBE lists (/tmp/nprobe.py-style sweep, noted in
-# the issue 5 closing note).
+# IVF_SCAN_VECTORS, never fewer than IVF_MIN_NPROBE lists (bench/nprobe_sweep.py).
 #   HNSW: no faster at equal recall (100k: M32 efSearch 128 0.30 ms, recall 0.98) and FAISS
 #   cannot remove ids from it, which every library needs. IVF-PQ (4-bit fast scan, m 32/64):
 #   recall 0.07-0.10, 0.5 even with 10× exact re-ranking at 100k, so not used; 8-bit PQ took 70 s
