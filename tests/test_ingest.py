@@ -461,3 +461,47 @@ def test_modified_image_keeps_its_captions(tmp_path: Path) -> None:
     touch_later(src / "scene_00000.jpg")
     assert index(home, src).changed == 1
     assert all(linked(home).values())
+
+
+# --- decoders and the model take turns on a CPU ------------------------------------------------
+
+def test_turns_model_waits_for_running_decodes_and_holds_new_ones() -> None:
+    import threading
+
+    from index.ingest import _Turns
+
+    turns, log = _Turns(), []
+    decoding, release_decode = threading.Event(), threading.Event()
+    in_model, release_model = threading.Event(), threading.Event()
+
+    def decode(name: str, hold: threading.Event | None = None) -> None:
+        with turns.decode():
+            log.append(f"{name} start")
+            if hold is not None:
+                decoding.set()
+                hold.wait(5)
+            log.append(f"{name} end")
+
+    def model() -> None:
+        with turns.model():
+            log.append("model start")
+            in_model.set()
+            release_model.wait(5)
+            log.append("model end")
+
+    first = threading.Thread(target=decode, args=("d1", release_decode))
+    first.start()
+    assert decoding.wait(5)
+    runner = threading.Thread(target=model)
+    runner.start()
+    assert not in_model.wait(0.2)  # a decode is running: the model waits for it
+    release_decode.set()
+    assert in_model.wait(5)
+    second = threading.Thread(target=decode, args=("d2",))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()  # no decode starts while the model runs
+    release_model.set()
+    for t in (first, runner, second):
+        t.join(5)
+    assert log == ["d1 start", "d1 end", "model start", "model end", "d2 start", "d2 end"]
