@@ -271,13 +271,15 @@ def search_options(f: Callable) -> Callable:
 
 
 def expansion_options(f: Callable) -> Callable:
-    from_default = "meanshift"  # = retrieval.expansion.DEFAULT_METHOD (not imported: fast --help)
+    from_default = "contrastive"  # = expansion.DEFAULT_METHOD (not imported: fast --help)
     for decorator in reversed([
-        click.option("--expand", type=click.Choice(["prior", "meanshift", "ridge", "pixels"]),
+        click.option("--expand", type=click.Choice(["contrastive", "prior", "meanshift", "ridge",
+                                                    "pixels"]),
                      is_flag=False, flag_value=from_default, default=None,
                      help="Expand a text query towards images first: with the trained "
-                          "diffusion prior, the mean shift, the ridge map, or generated "
-                          f"pixels. Alone (after the text): {from_default}."),
+                          "contrastive map or diffusion prior (`clipdex prior train`), the "
+                          "mean shift, the ridge map, or generated pixels. Alone (after the "
+                          f"text): {from_default}."),
         click.option("--expand-samples", type=click.IntRange(1, 256), metavar="K",
                      help="Image-side samples per query (prior, pixels) [default: 4]."),
         click.option("--expand-weight", type=click.FloatRange(0, 1), metavar="A",
@@ -480,17 +482,19 @@ def prior() -> None:
 @click.pass_context
 def prior_train(ctx: click.Context, steps: int | None, epochs: float, seed: int,
                 as_json: bool) -> None:
-    """Train the diffusion prior (and fit the mean-shift and ridge maps) for --expand.
+    """Train the contrastive map and the diffusion prior (and fit the mean-shift and ridge
+    maps) for --expand.
 
     Learns from every caption linked to an indexed image, and saves prior.safetensors and
     prior.json in the library folder; tied to the library's model. Minutes on 2 cores for
-    ~50k pairs.
+    ~50k pairs. --steps and --epochs set the prior's training; the contrastive map takes
+    1000 steps.
     """
     from retrieval.expansion import train_expanders
     from retrieval.prior import TrainConfig
 
     library = _library(ctx)
-    bar, update = _counting_bar(ctx, "step", desc="training prior")
+    bar, update = _counting_bar(ctx, "step", desc="training prior + map")
 
     def progress(done: int, total: int, loss: float) -> None:
         update(done, total, loss=f"{loss:.4f}")
@@ -505,7 +509,9 @@ def prior_train(ctx: click.Context, steps: int | None, epochs: float, seed: int,
         _emit_json(report.as_dict())
         return
     click.echo(f"trained on {report.pairs} caption–image pairs ({report.images} images): "
-               f"{report.steps} steps in {report.seconds:.1f}s, loss {report.final_loss:.4f}; "
+               f"prior {report.steps} steps in {report.seconds:.1f}s, loss "
+               f"{report.final_loss:.4f}; contrastive map {report.contrastive_steps} steps in "
+               f"{report.contrastive_seconds:.1f}s, loss {report.contrastive_loss:.4f}; "
                f"saved {report.path}")
 
 

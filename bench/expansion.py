@@ -11,7 +11,8 @@ What it does:
      captions through the real Library API;
   2. reads the caption–image pairs from the store (retrieval.expansion.training_pairs) and
      splits them *by image* 80/10/10 (all captions of an image fall on one side);
-  3. fits on train: mean-shift, ridge (λ tuned on validation) and the diffusion prior
+  3. fits on train: mean-shift, ridge (λ tuned on validation), the contrastive map
+     (`retrieval.expansion.ContrastiveMap.fit`, timed) and the diffusion prior
      (`retrieval.prior.train_diffusion_prior`, timed);
   4. tunes on validation, per method, the weight A (and K, guidance for the prior), each
      caption searching the validation images;
@@ -49,6 +50,7 @@ from retrieval.expansion import (  # noqa: E402
     DEFAULT_WEIGHTS,
     RRF_DEPTH,
     RRF_K,
+    ContrastiveMap,
     Expansion,
     MeanShift,
     Pairs,
@@ -304,6 +306,10 @@ def main() -> None:
     fit_started = time.perf_counter()
     ridge, lam = fit_ridge(train, val)
     ridge_seconds = (time.perf_counter() - fit_started) / len(LAMBDAS)
+    print(f"training the contrastive map on {len(train)} pairs…", file=sys.stderr)
+    contrastive, contrastive_stats = ContrastiveMap.fit(train)
+    print(f"contrastive map: {contrastive_stats.steps} steps in {contrastive_stats.seconds:.0f}s",
+          file=sys.stderr)
     print(f"training the prior on {len(train)} pairs…", file=sys.stderr)
     prior, stats = train_diffusion_prior(
         train.text_vectors, train.image_vectors,
@@ -317,6 +323,7 @@ def main() -> None:
     rows = [
         Method("mean-shift", "meanshift", lambda q: shift.map(q)[:, None]),
         Method("ridge", "ridge", lambda q: ridge.map(q)[:, None], extra={"lambda": lam}),
+        Method("contrastive", "contrastive", lambda q: contrastive.map(q)[:, None]),
     ]
     for k in PRIOR_SAMPLES:
         best = None
@@ -332,7 +339,7 @@ def main() -> None:
     rows.append(Method(f"prior K={rrf_k} + RRF", "prior", prior_samples(rrf_k, guidance),
                        fusion="rrf", k=rrf_k, guidance=guidance))
     for row in rows:
-        if row.name in ("mean-shift", "ridge", f"prior K={rrf_k} + RRF"):
+        if row.name in ("mean-shift", "ridge", "contrastive", f"prior K={rrf_k} + RRF"):
             tune_weight(val, row)
     shipped = _shipped_default(rows)
     shipped.val_r1 = recall(ranks_for(val, shipped), 1)
@@ -347,7 +354,7 @@ def main() -> None:
         results.append(_row(row.name, ranks, base, test, val_r1=row.val_r1, weight=row.weight,
                             k=row.k, fusion=row.fusion, guidance=row.guidance, **row.extra))
 
-    saved = SavedExpanders({}, prior, shift, ridge)
+    saved = SavedExpanders({}, prior, shift, ridge, contrastive)
     texts = [f"a photo of a {c} {s}" for c, s in
              [("red", "circle"), ("blue", "square"), ("green", "star"), ("white", "ring"),
               ("yellow", "cross")]]
@@ -366,6 +373,9 @@ def main() -> None:
                            "final_loss": round(stats.final_loss, 5), "epochs": args.epochs,
                            "hidden": prior.config.hidden, "blocks": prior.config.blocks},
         "ridge_fit_seconds": round(ridge_seconds, 3),
+        "contrastive_training": {"steps": contrastive_stats.steps,
+                                 "seconds": round(contrastive_stats.seconds, 1),
+                                 "final_loss": round(contrastive_stats.final_loss, 5)},
         "chosen_on_validation": chosen.name,
         "ceiling_r1": ambiguity_ceiling(home, sides["test"], args.scenes, args.seed),
         "results": results,
@@ -392,7 +402,9 @@ def _markdown(report: dict) -> str:
         f"Text→image on {report['images']['test']} test images ({report['pairs']['test']} "
         f"caption queries); trained on {report['pairs']['train']} pairs, tuned on "
         f"{report['pairs']['val']}. Prior: {report['prior_training']['steps']} steps in "
-        f"{report['prior_training']['seconds']} s ({report['threads']} threads). An ideal "
+        f"{report['prior_training']['seconds']} s; contrastive map: "
+        f"{report['contrastive_training']['steps']} steps in "
+        f"{report['contrastive_training']['seconds']} s ({report['threads']} threads). An ideal "
         f"ranker would reach R@1 {100 * report['ceiling_r1']:.1f} (captions that fit several "
         f"test images word for word).",
         "",

@@ -1,6 +1,6 @@
 """Run the benchmarks and print one Markdown table of clipdex against side-by-side baselines.
 
-    .venv/bin/python bench/run_all.py                  # ingest + query (10k, 100k), ~12 min
+    .venv/bin/python bench/run_all.py                  # ingest, query, expansion: ~16 min
     .venv/bin/python bench/run_all.py --large          # adds the 1M-vector rows, ~25 min
     .venv/bin/python bench/run_all.py --report-only    # rebuild the table from bench/results/
     .venv/bin/python bench/run_all.py --update-readme  # and write it into README.md
@@ -40,6 +40,7 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                         "--json-out", "bench/results/query.json"]),
         ("query-vit.json", ["bench/query.py", "--model", "ViT-B-32:random", "--sizes", vit_sizes,
                             "--json-out", "bench/results/query-vit.json"]),
+        ("expansion.json", ["bench/expansion.py", "--json-out", "bench/results/expansion.json"]),
     ]
     if args.index_choice:
         sizes = "10000,100000,1000000" if args.large else "10000,100000"
@@ -131,6 +132,17 @@ def table(commands: dict[str, str]) -> str:
                          f"{best['bytes_per_vector']:.0f} B/vector)",
                          f"{best['p50_ms']:.2f} ms p50", f"{flat['p50_ms']:.1f} ms (exact Flat)",
                          _x(flat["p50_ms"] / best["p50_ms"]), _cmd("index_choice.json", commands)])
+    expansion = _load("expansion.json")
+    if expansion:
+        rows_by = {r["method"]: r for r in expansion["results"]}
+        shipped = next(r for name, r in rows_by.items() if name.startswith("--expand"))
+        low, high = shipped["delta_r1_ci"]
+        rows.append([f"text→image R@1, tiny, {expansion['images']['test']} generated test "
+                     f"images, {shipped['method']}; +{shipped.get('added_ms', 0):.1f} ms/query",
+                     f"{100 * shipped['r1']:.1f}",
+                     f"{100 * rows_by['none']['r1']:.1f} (no expansion)",
+                     f"{100 * shipped['delta_r1']:+.1f} pts [{100 * low:+.1f}, {100 * high:+.1f}]",
+                     _cmd("expansion.json", commands)])
     header = ["measure", "clipdex", "baseline, same run", "ratio", "command"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

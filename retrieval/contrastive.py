@@ -1,0 +1,95 @@
+"""A contrastive text → image map: the learned projection behind `--expand contrastive`.
+
+A linear map q = normalise(W·t + b), started at the identity, trained on the library's own
+caption–image pairs so that each caption's mapped vector ranks its own image first among the
+library's images (InfoNCE: softmax cross-entropy over cosine scores / temperature). Where the
+ridge map regresses the mean image vector (squared error, so it learns where images lie on
+average), this one learns what tells one image from its neighbours, which is what a search
+needs. A penalty on W − I keeps it near the identity when there are few pairs.
+
+In bench/expansion.py (tiny model, 6000 generated scenes) it is the only expander that moves
+text→image R@1 beyond noise. This module imports torch at the top: import it lazily.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["ContrastiveConfig", "ContrastiveStats", "train_contrastive_map"]
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    # bench/expansion.py validation R@1, tiny model, 7214 pairs: 500 steps 0.808, 1000 0.809;
+    # temperature 0.01 0.815, 0.02 0.809, 0.05 0.779; identity penalty 1e-3 and 1e-2 alike
+    steps: int = 1000
+    batch_size: int = 512
+    temperature: float = 0.01
+    lr: float = 1e-3
+    identity_penalty: float = 1e-3
+    negatives: int = 8192  # images scored per step: all of them up to this many, else a sample
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ContrastiveStats:
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def train_contrastive_map(text_vectors: np.ndarray, image_vectors: np.ndarray,
+                          image_ids: np.ndarray, *, config: ContrastiveConfig = ContrastiveConfig(),
+                          progress: Callable[[int, int, float], None] | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, ContrastiveStats]:
+    """Fit W (dim×dim) and b (dim) on paired unit vectors (row i of each belongs together).
+
+    Args:
+        text_vectors, image_vectors: N×dim float32 unit vectors.
+        image_ids: N ids; captions of one image share its id (the image is scored once).
+        config: steps, batch, temperature, learning rate, identity penalty, negatives, seed.
+        progress: called as progress(done, total, recent_loss) every few steps.
+    Returns:
+        W, b as float32 arrays, and what the training did.
+    """
+    ids, first, own = np.unique(image_ids, return_index=True, return_inverse=True)
+    texts = torch.as_tensor(np.ascontiguousarray(text_vectors), dtype=torch.float32)
+    gallery = torch.as_tensor(np.ascontiguousarray(image_vectors[first]), dtype=torch.float32)
+    own_t = torch.as_tensor(own.reshape(-1), dtype=torch.int64)
+    dim = texts.shape[1]
+    generator = torch.Generator().manual_seed(config.seed)
+    eye = torch.eye(dim)
+    weight = torch.nn.Parameter(torch.eye(dim))
+    bias = torch.nn.Parameter(torch.zeros(dim))
+    optimiser = torch.optim.Adam([weight, bias], lr=config.lr)
+    sample_negatives = len(ids) > config.negatives
+    losses: list[float] = []
+    started = time.perf_counter()
+    for step in range(config.steps):
+        batch = torch.randint(len(texts), (min(config.batch_size, len(texts)),),
+                              generator=generator)
+        targets = own_t[batch]
+        if sample_negatives:  # the batch's own images plus a random sample of the others
+            columns = torch.unique(torch.cat([
+                targets, torch.randint(len(ids), (config.negatives,), generator=generator)]))
+            scored, targets = gallery[columns], torch.searchsorted(columns, targets)
+        else:
+            scored = gallery
+        mapped = torch.nn.functional.normalize(texts[batch] @ weight + bias, dim=1)
+        loss = torch.nn.functional.cross_entropy(mapped @ scored.T / config.temperature, targets)
+        loss = loss + config.identity_penalty * ((weight - eye) ** 2).sum()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        if progress and (step % 10 == 9 or step == config.steps - 1):
+            progress(step + 1, config.steps, float(np.mean(losses[-50:])))
+    stats = ContrastiveStats(config.steps, time.perf_counter() - started,
+                             float(np.mean(losses[-50:])) if losses else float("nan"))
+    return (weight.detach().numpy().astype(np.float32).copy(),
+            bias.detach().numpy().astype(np.float32).copy(), stats)
