@@ -9,7 +9,8 @@ What it measures, for each model (`tiny`, `ViT-B-32:random`) in one run:
   * model-only images/s: preprocessed tensors already in memory, batch 32 and 64, for fp32, bf16
     and int8, with the cosine similarity of each precision's vectors to fp32 on the same images;
   * decode+preprocess CPU-ms per image: the pipeline's `decode_file` (JPEG draft) followed by
-    `embedder.preprocess`, one thread;
+    `embedder.prepare` (the PIL steps), one thread, plus the image's share of
+    `embedder.collate` (ToTensor + Normalize, once per batch of 64);
   * end-to-end images/s of the real pipeline (`Library.index` into a fresh temporary home);
   * the bound those two costs allow on this machine's cores, and a naive baseline (full-size
     PIL decode + open_clip preprocess + fp32 model, one loading thread, batch 32) on the same
@@ -225,7 +226,8 @@ def torch_threads(count: int):
 
 
 def decode_cost(embedder, paths: list[str]) -> dict:
-    """CPU ms per image of the pipeline's decode_file + preprocess, one thread.
+    """CPU ms per image of the pipeline's decode_file + Embedder.prepare, one thread, plus its
+    share of Embedder.collate over batches of 64 (the per-batch ToTensor + Normalize).
 
     Measured with torch on one thread: with torch's default pool, preprocess's small tensor ops
     wake a second OpenMP thread whose spinning counts as process CPU time (kept for reference
@@ -236,9 +238,12 @@ def decode_cost(embedder, paths: list[str]) -> dict:
     min_side = 2 * embedder.image_size
 
     def run() -> tuple[int, int]:
+        prepared = []
         for path in paths:
             decoded = decode_file(path, min_side=min_side)
-            embedder.preprocess(decoded.image)
+            prepared.append(embedder.prepare(decoded.image))
+        for start in range(0, len(prepared), PIPELINE_BATCH):
+            embedder.collate(prepared[start:start + PIPELINE_BATCH])
         return decoded.image.size
 
     _, pooled = timed(run)

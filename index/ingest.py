@@ -198,7 +198,7 @@ class _Batch:
     def __init__(self) -> None:
         self.files: list[FoundFile] = []
         self.decoded: list[Decoded] = []
-        self.tensors: list = []
+        self.tensors: list = []  # what Embedder.prepare returned, per image
         self.failures: list[tuple[FoundFile, str]] = []
         self.moves: list[tuple[int, FoundFile]] = []
 
@@ -307,7 +307,7 @@ def _decode_and_preprocess_now(path: str, min_side: int, embedder: Embedder):
         return exc
     except Exception as exc:  # a decoder bug in Pillow must not stop the run
         return DecodeFailure(f"unexpected decoder error: {type(exc).__name__}: {exc}")
-    return decoded, embedder.preprocess(decoded.image)
+    return decoded, embedder.prepare(decoded.image)
 
 
 def _take(item: tuple[FoundFile, Future], batch: _Batch, plan: _Plan) -> None:
@@ -332,11 +332,9 @@ def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts
             failures: list[tuple[str, str]], gate: _Turns | None) -> None:
     vectors = None
     if batch.tensors:
-        import torch
-
         faults.crash_test_hook("embed")
         with gate.model() if gate is not None else contextlib.nullcontext():
-            vectors = embedder.encode_image_tensors(torch.stack(batch.tensors))
+            vectors = embedder.encode_image_tensors(embedder.collate(batch.tensors))
     stamp = now()
     with store.session() as s, s.begin():
         for row_id, f in batch.moves:

@@ -206,3 +206,22 @@ def test_scenes_cli(tmp_path: Path) -> None:
                                            "--seed", "1", "--size", "40"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "s").glob("scene_*"))) == 4
+
+
+def test_prepare_and_collate_equal_preprocess_bit_for_bit() -> None:
+    """Decode threads run the PIL steps; the batch's ToTensor + Normalize run at once."""
+    import torch
+
+    embedder = Embedder.load("tiny", device="cpu", precision="fp32")
+    images = [scenes.render(s, 150) for s in scenes.generate(5, seed=4)]
+    images += [images[0].convert("L"), images[1].convert("RGBA"), images[2].convert("P")]
+    prepared = [embedder.prepare(im) for im in images]
+    assert all(isinstance(p, np.ndarray) and p.dtype == np.uint8 for p in prepared)
+    expected = torch.stack([embedder.preprocess(im) for im in images])
+    assert torch.equal(embedder.collate(prepared), expected)
+    # a preprocess of another shape falls back to the whole transform, image by image
+    other = Embedder.load("tiny", device="cpu", precision="fp32")
+    other.preprocess = lambda im: torch.full((3, 4, 4), float(im.size[0]))
+    assert isinstance(other.prepare(images[0]), torch.Tensor)
+    assert torch.equal(other.collate([other.prepare(im) for im in images[:2]]),
+                       torch.full((2, 3, 4, 4), 150.0))
