@@ -115,7 +115,7 @@ class Expansion:
     """How to expand a query. None fields take the method's tuned default.
 
     Args:
-        method: "prior", "meanshift", "ridge" or "pixels".
+        method: "contrastive", "prior", "meanshift", "ridge" or "pixels".
         samples: K, image-side vectors drawn per query (prior, pixels).
         weight: A in [0, 1], the share of the image side in the fused query.
         seed: the sampling seed (prior, pixels): the same seed gives the same query.
