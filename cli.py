@@ -505,6 +505,13 @@ def prior_train(ctx: click.Context, steps: int | None, epochs: float, seed: int,
     finally:
         bar.close()
         library.close()
+    from retrieval.contrastive import MIN_USEFUL_PAIRS
+
+    if report.pairs < MIN_USEFUL_PAIRS:
+        click.echo(f"note: with fewer than {MIN_USEFUL_PAIRS} caption–image pairs the "
+                   f"contrastive map (the --expand default) did not beat plain search in "
+                   f"bench/expansion.py; compare with and without --expand on your queries",
+                   err=True)
     if as_json:
         _emit_json(report.as_dict())
         return

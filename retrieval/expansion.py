@@ -412,6 +412,7 @@ def train_expanders(library: "Library", *, train: "TrainConfig | None" = None,
             "ridge_lambda": RIDGE_LAMBDA, "pairs": len(pairs), "images": images,
             "seconds": round(stats.seconds, 2), "final_loss": round(stats.final_loss, 6),
             "contrastive": {**asdict(contrastive), "seconds": round(map_stats.seconds, 2),
+                            "identity_penalty": map_stats.identity_penalty,
                             "final_loss": round(map_stats.final_loss, 6)},
             "trained_at": time.time()}
     weights_path, meta_path = prior_paths(library)

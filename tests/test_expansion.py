@@ -57,9 +57,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         library.index([photos], model="tiny")
         library.add_captions(photos / "captions.jsonl")
         library.add_captions(photos / "extra.jsonl")
-    code, out = _run("--home", home, "prior", "train", "--steps", "120", "--seed", "1", "--json")
-    assert code == 0, out
-    report = json.loads(out)
+    result = CliRunner().invoke(cli.main, ["--home", str(home), "prior", "train", "--steps",
+                                           "120", "--seed", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "fewer than 1000 caption–image pairs" in result.stderr  # 240: a small library
+    report = json.loads(result.stdout)
     assert report["pairs"] == SCENES + SCENES // 2 and report["images"] == SCENES
     assert report["steps"] == 120 and np.isfinite(report["final_loss"])
     assert report["contrastive_steps"] == 1000 and np.isfinite(report["contrastive_loss"])
