@@ -249,8 +249,8 @@ def ingest_images(
     # decode JPEGs no smaller than twice the model input
     min_side = 2 * embedder.image_size if plan.to_embed else 0
     # one decoder per core: on a CPU they take turns with the model, on a GPU decoding is the
-    # only CPU work (an H200 with 16 cores indexed 12 MP photos at 43 img/s with 4 decoders,
-    # 105 with 16: bench/gpu_ingest.py)
+    # only CPU work (an H200 with 16 cores indexed 12 MP photos at 36-43 img/s with 4
+    # decoders, 72-105 with 16, on two leases: bench/gpu_ingest.py)
     workers = workers or _cores()
     batch = _Batch()
     batch.failures.extend(plan.scan_failures)
@@ -348,7 +348,7 @@ def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts
             s.execute(delete(ImageRow).where(ImageRow.id.in_(old_ids)))
         counts["changed"] += len(old_ids)
         counts["new"] += len(batch.files) - len(old_ids)
-        if batch.files:  # one executemany, not an ORM object per row (~0.15 ms a photo)
+        if batch.files:  # one executemany, not an ORM object per row
             s.execute(insert(ImageRow), [
                 {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
                  "content_hash": d.content_hash, "width": d.width, "height": d.height,

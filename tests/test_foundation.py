@@ -219,6 +219,8 @@ def test_prepare_and_collate_equal_preprocess_bit_for_bit() -> None:
     assert all(isinstance(p, np.ndarray) and p.dtype == np.uint8 for p in prepared)
     expected = torch.stack([embedder.preprocess(im) for im in images])
     assert torch.equal(embedder.collate(prepared), expected)
+    mixed = [prepared[0], embedder.preprocess(images[1]), prepared[2]]  # some fell back
+    assert torch.equal(embedder.collate(mixed), expected[:3])
     # a preprocess of another shape falls back to the whole transform, image by image
     other = Embedder.load("tiny", device="cpu", precision="fp32")
     other.preprocess = lambda im: torch.full((3, 4, 4), float(im.size[0]))
