@@ -249,8 +249,8 @@ def ingest_images(
     # decode JPEGs no smaller than twice the model input
     min_side = 2 * embedder.image_size if plan.to_embed else 0
     # one decoder per core: on a CPU they take turns with the model, on a GPU decoding is the
-    # only CPU work (an H200 with 16 cores indexed 12 MP photos at 36-43 img/s with 4
-    # decoders, 72-105 with 16, on two leases: bench/gpu_ingest.py)
+    # only CPU work (an H200 with 16 cores indexed 12 MP photos at 55 img/s with 4 decoders,
+    # 145 with 16: bench/gpu_ingest.py)
     workers = workers or _cores()
     batch = _Batch()
     batch.failures.extend(plan.scan_failures)
