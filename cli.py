@@ -474,9 +474,11 @@ def prior() -> None:
 
 
 @prior.command("train")
-@click.option("--steps", type=click.IntRange(1), help="Optimiser steps [default: from --epochs].")
+@click.option("--steps", type=click.IntRange(1),
+              help="The prior's optimiser steps [default: from --epochs].")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=40.0,
-              show_default=True, help="Passes over the pairs (clamped to 300-6000 steps).")
+              show_default=True,
+              help="The prior's passes over the pairs (clamped to 300-6000 steps).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
 @click.pass_context

@@ -14,8 +14,8 @@ Expanders, all fitted on the library's own caption–image pairs (captions linke
   contrastive  a linear map text → image trained to rank each     contrastive.py,
                caption's own image first (InfoNCE)                `clipdex prior train`
   prior        K samples of a diffusion prior p(image | text)     prior.py, `clipdex prior train`
-  pixels     K images generated from the text with a diffusers    pixels.py, extra `diffusion`
-             pipeline, embedded with the library's image encoder
+  pixels       K images generated from the text with a diffusers  pixels.py, extra `diffusion`
+               pipeline, embedded with the library's image encoder
 
 `clipdex prior train` saves the prior, the contrastive map and both baselines in the library
 folder (prior.safetensors + prior.json); meanshift and ridge are fitted in memory when nothing is
