@@ -7,6 +7,7 @@ Heavy modules (torch, open_clip, faiss, PIL, even SQLAlchemy) are imported insid
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,8 @@ def _version() -> str:
 
 
 class ClipdexGroup(click.Group):
-    """Turns domain errors into one-line messages: usage problems exit 2, failures exit 1."""
+    """Turns domain errors into one-line messages with their exit status: usage problems exit
+    2 (with the usage line), other failures their `exit_code` (1)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -40,15 +42,25 @@ class ClipdexGroup(click.Group):
             if isinstance(exc, UsageProblem):
                 raise click.UsageError(str(exc), ctx) from None
             if isinstance(exc, ClipdexError):
-                raise click.ClickException(str(exc)) from None
+                error = click.ClickException(str(exc))
+                error.exit_code = exc.exit_code
+                raise error from None
             raise
 
 
-def _library(ctx: click.Context):
-    from index import Library
+def _settings(ctx: click.Context, **flags: Any):
+    """Settings from the global flags and the command's (flag > CLIPDEX_* > default)."""
+    from index import Settings
 
     obj = ctx.find_root().obj
-    return Library.open(obj["home"], db=obj["db"])
+    return Settings.resolve(obj["home"], obj["db"], **flags)
+
+
+def _library(ctx: click.Context, *, create: bool = True, **flags: Any):
+    """The library, for writing (made when missing) or reading (`create=False`: never made)."""
+    from index import Library
+
+    return Library(_settings(ctx, **flags), create=create)
 
 
 def _counting_bar(ctx: click.Context, unit: str, desc: str | None = None):
@@ -72,8 +84,16 @@ def _progress_enabled(ctx: click.Context) -> bool:
     return not ctx.find_root().obj["quiet"] and sys.stderr.isatty()
 
 
+def shown(path: str) -> str:
+    """A path as printable text: bytes of a non-UTF-8 name appear as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _emit_json(data: dict) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    # a non-UTF-8 file name holds lone surrogates: written as \udcNN escapes, which JSON
+    # readers (Python's json, os.fsencode) turn back into the same bytes
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def json_option(f: Callable) -> Callable:
@@ -82,8 +102,9 @@ def json_option(f: Callable) -> Callable:
 
 def model_options(f: Callable) -> Callable:
     f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
-                     default="auto", show_default=True,
-                     help="Model precision; auto picks bf16 where the CPU runs it natively.")(f)
+                     envvar="CLIPDEX_PRECISION", show_envvar=True,
+                     help="Model precision [default: auto]; auto uses int8 for each tower whose "
+                          "int8 output matches fp32 on a probe (cosine >= 0.999), else fp32.")(f)
     return click.option(
         "--model", "-m", envvar="CLIPDEX_MODEL", metavar="SPEC",
         help="open_clip model: ARCH:TAG (default ViT-B-32:laion2b_s34b_b79k, downloaded once), "
@@ -147,16 +168,25 @@ def scenes(ctx: click.Context, directory: Path, count: int, seed: int, size: int
 @click.option("--exclude", multiple=True, metavar="GLOB",
               help="Skip files or folders matching GLOB (relative path or name); repeatable.")
 @click.option("--hidden", "include_hidden", is_flag=True, help="Also index hidden files/folders.")
-@click.option("--workers", type=click.IntRange(1, 64), help="Decoder threads [default: ≤4].")
+@click.option("--workers", type=click.IntRange(1, 64),
+              help="Decoder threads [default: one per core].")
+@click.option("--retry-failed", is_flag=True,
+              help="Retry every recorded failure, even files that have not changed.")
+@click.option("--rehash", is_flag=True,
+              help="Also hash files whose size and mtime are unchanged; re-embed any whose "
+                   "content differs (reads every file).")
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, precision: str,
               exclude: tuple[str, ...], include_hidden: bool, workers: int | None,
-              as_json: bool) -> None:
+              retry_failed: bool, rehash: bool, as_json: bool) -> None:
     """Index the images under PATHS (incremental: only new or changed files are embedded).
 
+    A file counts as changed when its size or mtime changed (--rehash also compares content).
     Moved files keep their vectors, vanished files are removed, unreadable files are recorded
-    (see `clipdex failures`) and retried only when they change. Exits 3 when some files failed.
+    (see `clipdex failures`) and retried when they change, when the reason was a permission
+    error, or with --retry-failed. Exits 3 while files under PATHS remain unindexed because
+    they failed (now or before), 0 when everything is indexed.
     """
     from tqdm import tqdm
 
@@ -175,7 +205,8 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
 
     try:
         report = library.index(paths, model=model, exclude=exclude, precision=precision,
-                               include_hidden=include_hidden, workers=workers, progress=progress)
+                               include_hidden=include_hidden, workers=workers,
+                               retry_failed=retry_failed, rehash=rehash, progress=progress)
     finally:
         bar.close()
         library.close()
@@ -189,10 +220,10 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
             + (f" ({report.skipped_failed} failed before, unchanged)" if report.skipped_failed
                else "") + f" in {report.seconds:.1f}s")
         for path, reason in report.failures[:20]:
-            click.echo(f"  failed: {path}: {reason}", err=True)
+            click.echo(f"  failed: {shown(path)}: {reason}", err=True)
         if len(report.failures) > 20:
             click.echo(f"  … and {len(report.failures) - 20} more (clipdex failures)", err=True)
-    if report.failed:
+    if report.failures_remain:
         ctx.exit(EXIT_PARTIAL)
 
 
@@ -205,23 +236,26 @@ def captions() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["csv", "tsv", "jsonl", "coco"]),
               help="File format [default: from the file name].")
+@click.option("--max-chars", type=click.IntRange(min=1), metavar="N",
+              help="Cut captions longer than N characters [default: 4096].")
 @model_options
 @json_option
 @click.pass_context
-def captions_add(ctx: click.Context, file: Path, fmt: str | None, model: str | None,
-                 precision: str, as_json: bool) -> None:
+def captions_add(ctx: click.Context, file: Path, fmt: str | None, max_chars: int | None,
+                 model: str | None, precision: str, as_json: bool) -> None:
     """Embed the captions in FILE into the library's caption index.
 
     CSV/TSV need a header with a caption column (caption/text) and optionally an image column
     (path/file_name/image); JSONL lines use the same keys; COCO uses images[].file_name and
     annotations[].caption. Captions whose image is indexed are linked to it. Adding the same
-    file twice adds nothing.
+    file twice adds nothing. Bad lines are skipped and listed; NUL bytes are removed.
     """
     library = _library(ctx)
     bar, progress = _counting_bar(ctx, "caption")
+    limit = {} if max_chars is None else {"max_chars": max_chars}  # none: the library's default
     try:
         report = library.add_captions(file, format=fmt, model=model, precision=precision,
-                                      progress=progress)
+                                      progress=progress, **limit)
     finally:
         bar.close()
         library.close()
@@ -230,6 +264,9 @@ def captions_add(ctx: click.Context, file: Path, fmt: str | None, model: str | N
         return
     click.echo(f"{report.added} added, {report.duplicates} duplicates, {report.linked} linked "
                f"to images, {report.skipped} skipped")
+    if report.truncated or report.nul_stripped:
+        click.echo(f"{report.truncated} cut to {report.max_chars} characters, "
+                   f"{report.nul_stripped} with NUL bytes removed")
     for problem in report.problems[:20]:
         click.echo(f"  skipped: {problem}", err=True)
 
@@ -238,19 +275,21 @@ def _print_hits(result, *, as_json: bool, paths_only: bool) -> None:
     if as_json:
         _emit_json(result.as_dict())
         return
-    if paths_only:
+    if paths_only:  # the bytes of each name, as they are on disk, for xargs and scripts
+        sys.stdout.flush()
         for hit in result.hits:
             if hit.path:
-                click.echo(hit.path)
+                sys.stdout.buffer.write(os.fsencode(hit.path) + b"\n")
+        sys.stdout.buffer.flush()
         return
     if not result.hits:
         click.echo("no results", err=True)
         return
     for rank, hit in enumerate(result.hits, result.query.offset + 1):
         if hit.kind == "image":
-            click.echo(f"{rank:>3}  {hit.score:.4f}  {hit.path}")
+            click.echo(f"{rank:>3}  {hit.score:.4f}  {shown(hit.path)}")
         else:
-            linked = f"  [{hit.path}]" if hit.path else ""
+            linked = f"  [{shown(hit.path)}]" if hit.path else ""
             click.echo(f"{rank:>3}  {hit.score:.4f}  {hit.text}{linked}")
 
 
@@ -264,7 +303,7 @@ def search_options(f: Callable) -> Callable:
                      help="Only images (or captions of images) below this folder."),
         click.option("--dedup", is_flag=True, help="Collapse near-identical images."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
-                     default="auto", help="Query encoder precision."),
+                     envvar="CLIPDEX_PRECISION", help="Query encoder precision [default: auto]."),
     ]):
         f = decorator(f)
     return f
@@ -353,12 +392,12 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
     _print_hits(result, as_json=as_json, paths_only=paths_only)
 
 
-def _searcher(ctx: click.Context, precision: str):
+def _searcher(ctx: click.Context, precision: str | None):
     from retrieval import Searcher
 
     # one query per process: map the index file rather than load it (a 1M×512 index would take
     # ~3 s to load for one ~5 ms search)
-    return Searcher(_library(ctx), precision=precision, mmap=True)
+    return Searcher(_library(ctx, create=False, precision=precision), mmap=True)
 
 
 @main.command()
@@ -368,7 +407,7 @@ def _searcher(ctx: click.Context, precision: str):
 @click.pass_context
 def caption(ctx: click.Context, image: str, top: int, as_json: bool) -> None:
     """The library's captions closest to IMAGE (which need not be indexed)."""
-    searcher = _searcher(ctx, "auto")
+    searcher = _searcher(ctx, None)
     try:
         result = searcher.caption(image, k=top)
     finally:
@@ -381,7 +420,7 @@ def caption(ctx: click.Context, image: str, top: int, as_json: bool) -> None:
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool) -> None:
     """Counts, model, index types and disk use of the library."""
-    library = _library(ctx)
+    library = _library(ctx, create=False)
     try:
         data = library.stats()
     finally:
@@ -407,7 +446,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def failures(ctx: click.Context, as_json: bool) -> None:
     """Files that could not be indexed, with the reason (retried when they change)."""
-    library = _library(ctx)
+    library = _library(ctx, create=False)
     try:
         rows = library.failures()
     finally:
@@ -418,7 +457,7 @@ def failures(ctx: click.Context, as_json: bool) -> None:
     if not rows:
         click.echo("no failures")
     for f in rows:
-        click.echo(f"{f.path}: {f.reason}")
+        click.echo(f"{shown(f.path)}: {f.reason}")
 
 
 @main.command()
@@ -446,14 +485,19 @@ def demo(ctx: click.Context, directory: Path | None, count: int) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from ORIGIN (e.g. a clip-front) call the API; repeatable.")
+@click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests for Host NAME (beside 127.0.0.1, localhost, ::1 and "
+                   "--host), e.g. the machine's name on the LAN; repeatable.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
               default="auto", help="Query encoder precision.")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, cors_origins: tuple[str, ...],
-          precision: str) -> None:
+          allowed_hosts: tuple[str, ...], precision: str) -> None:
     """Serve the web page, the JSON API (/docs) and clip-retrieval's API over HTTP.
 
     Keeps answering while `clipdex index` adds to the library, and sees what it added.
+    Requests for other Host names are refused (DNS rebinding), and so are requests from web
+    pages of other origins than its own and --cors.
     """
     from importlib.util import find_spec
 
@@ -465,7 +509,7 @@ def serve(ctx: click.Context, host: str, port: int, cors_origins: tuple[str, ...
 
     obj = ctx.find_root().obj
     run_server(home=obj["home"], db=obj["db"], host=host, port=port, precision=precision,
-               cors_origins=cors_origins, echo=click.echo)
+               cors_origins=cors_origins, allowed_hosts=allowed_hosts, echo=click.echo)
 
 
 @main.group()
@@ -493,9 +537,9 @@ def prior_train(ctx: click.Context, steps: int | None, epochs: float, seed: int,
     1000 steps.
     """
     from retrieval.expansion import train_expanders
-    from retrieval.prior import TrainConfig
+    from retrieval.expansion.prior import TrainConfig
 
-    library = _library(ctx)
+    library = _library(ctx, create=False)
     bar, update = _counting_bar(ctx, "step", desc="training prior + map")
 
     def progress(done: int, total: int, loss: float) -> None:
@@ -507,7 +551,7 @@ def prior_train(ctx: click.Context, steps: int | None, epochs: float, seed: int,
     finally:
         bar.close()
         library.close()
-    from retrieval.contrastive import MIN_USEFUL_PAIRS
+    from retrieval.expansion.contrastive import MIN_USEFUL_PAIRS
 
     if report.pairs < MIN_USEFUL_PAIRS:
         click.echo(f"note: with fewer than {MIN_USEFUL_PAIRS} caption–image pairs the "

@@ -13,7 +13,7 @@ What it does:
      splits them *by image* 80/10/10 (all captions of an image fall on one side);
   3. fits on train: mean-shift, ridge (λ tuned on validation), the contrastive map
      (`retrieval.expansion.ContrastiveMap.fit`, timed) and the diffusion prior
-     (`retrieval.prior.train_diffusion_prior`, timed);
+     (`retrieval.expansion.prior.train_diffusion_prior`, timed);
   4. tunes on validation, per method, the weight A (and K, guidance for the prior), each
      caption searching the validation images;
   5. tests once: each test caption searches the test images; text→image R@1/5/10 and median
@@ -292,7 +292,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from retrieval.prior import TrainConfig, train_diffusion_prior
+    from retrieval.expansion.prior import TrainConfig, train_diffusion_prior
 
     t0 = time.perf_counter()
     home = build_library(args.workdir, args.scenes, args.size, args.seed)

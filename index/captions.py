@@ -6,25 +6,33 @@ import csv
 import hashlib
 import json
 import os
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+import unicodedata
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from .embedder import Embedder
-from .errors import CaptionFileError
+from .errors import CaptionFileError, UsageProblem
 from .store import CaptionRow, ImageRow, Store
 
-__all__ = ["CaptionReport", "FORMATS", "ParsedCaption", "add_captions", "link_captions",
+__all__ = ["CaptionReport", "FORMATS", "MAX_CAPTION_CHARS", "ParsedCaption", "add_captions",
            "parse_caption_file"]
 
 FORMATS = ("csv", "tsv", "jsonl", "coco")
 PATH_KEYS = ("path", "file_name", "filename", "file", "image", "image_path", "url")
 TEXT_KEYS = ("caption", "text", "title", "description")
 EMBED_BATCH = 256
+# Longer captions are cut: CLIP reads only the first 77 tokens anyway, and every hit returns
+# the whole text. 4096 characters holds any real caption (COCO's longest is under 1000).
+MAX_CAPTION_CHARS = 4096
+# SQLite ignores a column's declared size, PostgreSQL enforces it: no cap may exceed it
+_COLUMN_CHARS: int | None = CaptionRow.__table__.c.text.type.length
+MAX_REF_CHARS = 4096  # PATH_MAX on Linux: a longer reference names no file
+_MAX_BACKOFF = 32  # how far a cut may move back to keep a character's marks with it
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,8 @@ class ParsedCaption:
     text: str
     ref: str | None  # the image reference as written in the file
     line: int
+    truncated: bool = False  # cut to max_chars
+    nul_stripped: bool = False  # held NUL bytes, removed
 
 
 @dataclass(frozen=True)
@@ -42,11 +52,15 @@ class CaptionReport:
     skipped: int
     problems: tuple[str, ...] = ()
     seconds: float = 0.0
+    truncated: int = 0  # captions in the file cut to max_chars (added or duplicates)
+    nul_stripped: int = 0  # captions in the file that held NUL bytes, removed
+    max_chars: int = MAX_CAPTION_CHARS
 
     def as_dict(self) -> dict:
         return {"added": self.added, "duplicates": self.duplicates, "linked": self.linked,
-                "skipped": self.skipped, "problems": list(self.problems),
-                "seconds": round(self.seconds, 3)}
+                "skipped": self.skipped, "truncated": self.truncated,
+                "nul_stripped": self.nul_stripped, "max_chars": self.max_chars,
+                "problems": list(self.problems), "seconds": round(self.seconds, 3)}
 
 
 def detect_format(path: Path) -> str:
@@ -67,93 +81,277 @@ def _pick(keys: Iterable[str], wanted: tuple[str, ...]) -> str | None:
     return next((lowered[w] for w in wanted if w in lowered), None)
 
 
-def _parse_table(path: Path, delimiter: str, problems: list[str]) -> list[ParsedCaption]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise CaptionFileError(f"{path}: empty file")
-        text_key = _pick(reader.fieldnames, TEXT_KEYS)
-        if text_key is None:
-            raise CaptionFileError(
-                f"{path}: no caption column in header {reader.fieldnames}; expected one of "
-                f"{', '.join(TEXT_KEYS)}")
-        path_key = _pick(reader.fieldnames, PATH_KEYS)
-        out = []
-        for line, row in _rows(reader, path, problems):
-            if None in row or any(v is None for v in row.values()):
-                problems.append(f"{path}:{line}: wrong number of fields")
-                continue
-            text = (row.get(text_key) or "").strip()
-            if not text:
-                problems.append(f"{path}:{line}: empty caption")
-                continue
-            ref = (row.get(path_key) or "").strip() if path_key else ""
-            out.append(ParsedCaption(text, ref or None, line))
-    return out
+# --- one caption, whatever the format ---------------------------------------------------------
+
+def _caption(text: object, ref: object, line: int, max_chars: int) -> ParsedCaption | str:
+    """The caption cleaned (NUL bytes out, cut to max_chars), or why it is skipped."""
+    if text is None:
+        return f"no caption (keys {', '.join(TEXT_KEYS)})"
+    if not isinstance(text, str):
+        return f"caption is not text (a JSON {_json_kind(text)})"
+    ref_problem = _ref_problem(ref)
+    if ref_problem:
+        return ref_problem
+    clean = text.replace("\0", "").strip()
+    if not clean:
+        return "empty caption"
+    cut = _cut(clean, max_chars)
+    if not _is_unicode(cut):
+        return "caption is not valid Unicode (a lone surrogate such as \\ud800)"
+    return ParsedCaption(cut, (ref.strip() or None) if isinstance(ref, str) else None, line,
+                         truncated=len(cut) < len(clean), nul_stripped="\0" in text)
 
 
-def _rows(reader: csv.DictReader, path: Path, problems: list[str]):
-    """(line, row) pairs; a row the csv module rejects (e.g. a huge field) becomes a problem."""
+def _json_kind(value: object) -> str:
+    kinds = {dict: "object", list: "array", bool: "true/false", int: "number", float: "number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _ref_problem(ref: object) -> str | None:
+    """Why an image reference cannot be used, if it cannot."""
+    if ref is None:
+        return None
+    if not isinstance(ref, str):
+        return f"image reference is not text (a JSON {_json_kind(ref)})"
+    if "\0" in ref or len(ref) > MAX_REF_CHARS:
+        return f"image reference is no file name (a NUL byte, or over {MAX_REF_CHARS} characters)"
+    try:
+        os.fsencode(ref)  # lone surrogates \udc80-\udcff are a non-UTF-8 name's bytes (PEP 383)
+    except UnicodeEncodeError:
+        return "image reference is not valid Unicode (a lone surrogate such as \\ud800)"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a JSON escape like \ud800 decodes to a str no codec can write
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """At most max_chars code points, moving back so no letter loses its accents, emoji its
+    modifiers or the rest of a joined (ZWJ) sequence."""
+    if len(text) <= max_chars:
+        return text
+    cut = max_chars
+    while cut > max(1, max_chars - _MAX_BACKOFF) and (
+            _joins_previous(text[cut]) or text[cut - 1] == "\u200d"):
+        cut -= 1
+    return text[:cut].rstrip()
+
+
+def _joins_previous(char: str) -> bool:
+    """Whether `char` belongs to the character before it (a mark, selector or modifier)."""
+    code = ord(char)
+    return (unicodedata.category(char) in ("Mn", "Mc", "Me") or code == 0x200D
+            or 0xFE00 <= code <= 0xFE0F or 0x1F3FB <= code <= 0x1F3FF)
+
+
+def _check_max_chars(max_chars: int) -> None:
+    if max_chars < 1 or (_COLUMN_CHARS is not None and max_chars > _COLUMN_CHARS):
+        raise UsageProblem(f"max_chars must be between 1 and {_COLUMN_CHARS} (the store's "
+                           f"caption column), not {max_chars}")
+
+
+# --- CSV / TSV --------------------------------------------------------------------------------
+
+class _Lines:
+    """A file's physical lines, numbered, as the csv reader pulls them. The lines of the row
+    being read are kept so that a row an unterminated quote ran on can be read again from its
+    second line (the reader itself keeps no such record)."""
+
+    def __init__(self, fh: IO[str]) -> None:
+        self._fh = fh
+        self._again: deque[tuple[int, str]] = deque()
+        self._read = 0
+        self.row: list[tuple[int, str]] = []
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            number, line = self._again.popleft()
+        else:
+            line = next(self._fh)
+            self._read += 1
+            number = self._read
+        self.row.append((number, line))
+        return line
+
+    def reread_after_first(self) -> None:
+        self._again.extendleft(reversed(self.row[1:]))
+
+
+def _table_rows(path: Path, fh: IO[str], delimiter: str,
+                problems: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each non-blank row; rows the csv module rejects (a huge field)
+    or an unterminated quote ran together become problems, and the lines after are read."""
+    lines = _Lines(fh)
+    reader = csv.reader(lines, delimiter=delimiter)
     while True:
+        lines.row = []
+        error = None
         try:
-            row = next(reader)
+            fields = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            # DictReader's own line_num lags on errors; the inner reader's has read the row
-            problems.append(f"{path}:{reader.reader.line_num}: {exc}")
-            continue
-        yield reader.line_num, row
+            fields, error = [], str(exc)
+        first, last = lines.row[0][0], lines.row[-1][0]
+        if last > first and (error or _misquoted([line for _, line in lines.row], delimiter)):
+            problems.append(f"{path}:{first}: unterminated quote (opened on this line, its "
+                            f"field ran on to line {last}); row skipped, the lines after it "
+                            f"read again")
+            lines.reread_after_first()
+        elif error:
+            problems.append(f"{path}:{last}: {error}")
+        elif fields:
+            yield first, fields
 
 
-def _parse_jsonl(path: Path, problems: list[str]) -> list[ParsedCaption]:
-    out = []
-    with open(path, encoding="utf-8-sig") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
+def _misquoted(row_lines: list[str], delimiter: str) -> bool:
+    """Whether a row spanning lines breaks strict CSV quoting: what a stray quote leaves (its
+    field runs to the next quote or to the end of the file); a real multi-line field does not."""
+    try:
+        for _ in csv.reader(row_lines, delimiter=delimiter, strict=True):
+            pass
+    except csv.Error:
+        return True
+    return False
+
+
+def _parse_table(path: Path, delimiter: str, problems: list[str],
+                 max_chars: int) -> list[ParsedCaption]:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = _table_rows(path, fh, delimiter, problems)
+        _, header = next(rows, (0, []))
+        if not header:
+            raise CaptionFileError(f"{path}: empty file")
+        text_key, path_key = _pick(header, TEXT_KEYS), _pick(header, PATH_KEYS)
+        if text_key is None:
+            raise CaptionFileError(
+                f"{path}: no caption column in header {header}; expected one of "
+                f"{', '.join(TEXT_KEYS)}")
+        text_at = header.index(text_key)
+        path_at = header.index(path_key) if path_key else None
+        out = []
+        for line, fields in rows:
+            if len(fields) != len(header):
+                problems.append(f"{path}:{line}: wrong number of fields")
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{line_no}: not JSON ({exc.msg})")
-                continue
-            if not isinstance(obj, dict):
-                problems.append(f"{path}:{line_no}: expected an object")
-                continue
-            text_key, path_key = _pick(obj, TEXT_KEYS), _pick(obj, PATH_KEYS)
-            text = obj.get(text_key) if text_key else None
-            if not isinstance(text, str) or not text.strip():
-                problems.append(f"{path}:{line_no}: no caption (keys {', '.join(TEXT_KEYS)})")
-                continue
-            ref = obj.get(path_key) if path_key else None
-            out.append(ParsedCaption(text.strip(), str(ref).strip() if ref else None, line_no))
+            ref = fields[path_at] if path_at is not None else None
+            _keep(_caption(fields[text_at], ref, line, max_chars), f"{path}:{line}", out,
+                  problems)
     return out
 
 
-def _parse_coco(path: Path, problems: list[str]) -> list[ParsedCaption]:
+def _keep(result: ParsedCaption | str, where: str, out: list[ParsedCaption],
+          problems: list[str]) -> None:
+    if isinstance(result, str):
+        problems.append(f"{where}: {result}")
+    else:
+        out.append(result)
+
+
+# --- JSONL and COCO ---------------------------------------------------------------------------
+
+def _json_trouble(exc: ValueError | RecursionError) -> str:
+    """A decoding failure that is not a syntax error, in words."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(":")[0]  # e.g. a number past int's 4300-digit limit
+
+
+def _parse_jsonl(path: Path, problems: list[str], max_chars: int) -> list[ParsedCaption]:
+    out: list[ParsedCaption] = []
+    with open(path, encoding="utf-8-sig") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if line.strip():
+                _keep(_jsonl_caption(line, line_no, max_chars), f"{path}:{line_no}", out,
+                      problems)
+    return out
+
+
+def _jsonl_caption(line: str, line_no: int, max_chars: int) -> ParsedCaption | str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not JSON ({exc.msg})"
+    except (ValueError, RecursionError) as exc:
+        return f"not usable JSON ({_json_trouble(exc)})"
+    if not isinstance(obj, dict):
+        return "expected an object"
+    text_key, path_key = _pick(obj, TEXT_KEYS), _pick(obj, PATH_KEYS)
+    return _caption(obj.get(text_key) if text_key else None,
+                    obj.get(path_key) if path_key else None, line_no, max_chars)
+
+
+def _load_coco(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8-sig") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise CaptionFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise CaptionFileError(f"{path}: not usable JSON ({_json_trouble(exc)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise CaptionFileError(
             f"{path}: not a COCO captions file (needs 'annotations' with image_id and caption)")
-    files = {img.get("id"): img.get("file_name") for img in data.get("images", [])
-             if isinstance(img, dict)}
-    out = []
+    if not isinstance(data.get("images", []), (list, type(None))):
+        raise CaptionFileError(f"{path}: not a COCO captions file ('images' is not a list)")
+    return data
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
+def _coco_files(path: Path, images: list, problems: list[str]) -> dict[object, str]:
+    """image id -> file_name; a record without a usable id and name is a problem."""
+    files = {}
+    for number, image in enumerate(images, 1):
+        image_id = image.get("id") if isinstance(image, dict) else None
+        name = image.get("file_name") if isinstance(image, dict) else None
+        if _is_id(image_id) and isinstance(name, str) and not _ref_problem(name):
+            files[image_id] = name
+        else:
+            problems.append(f"{path}: image {number}: needs an id (a number or text) and a "
+                            f"file_name (a file name)")
+    return files
+
+
+def _coco_caption(ann: object, files: dict[object, str], number: int,
+                  max_chars: int) -> ParsedCaption | str:
+    if not isinstance(ann, dict):
+        return "not an object"
+    image_id = ann.get("image_id")
+    if image_id is not None and not _is_id(image_id):
+        return "image_id is not a number or text"
+    return _caption(ann.get("caption"), files.get(image_id), number, max_chars)
+
+
+def _parse_coco(path: Path, problems: list[str], max_chars: int) -> list[ParsedCaption]:
+    data = _load_coco(path)
+    files = _coco_files(path, data.get("images") or [], problems)
+    out: list[ParsedCaption] = []
     for number, ann in enumerate(data["annotations"], 1):
-        text = ann.get("caption") if isinstance(ann, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            problems.append(f"{path}: annotation {number}: no caption")
-            continue
-        ref = files.get(ann.get("image_id"))
-        out.append(ParsedCaption(text.strip(), ref, number))
+        _keep(_coco_caption(ann, files, number, max_chars), f"{path}: annotation {number}", out,
+              problems)
     return out
 
 
-def parse_caption_file(path: Path, fmt: str | None = None) -> tuple[list[ParsedCaption], list[str]]:
-    """Parse a caption file; returns (captions, problems) where problems name file and line."""
+def parse_caption_file(path: Path, fmt: str | None = None, *,
+                       max_chars: int = MAX_CAPTION_CHARS
+                       ) -> tuple[list[ParsedCaption], list[str]]:
+    """Parse a caption file; returns (captions, problems) where problems name file and line.
+
+    A bad line (row, annotation, image record) is skipped and named in problems; a bad whole
+    file raises CaptionFileError. Captions lose NUL bytes and are cut to `max_chars`.
+    """
+    _check_max_chars(max_chars)
     if not path.is_file():
         raise CaptionFileError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -162,11 +360,11 @@ def parse_caption_file(path: Path, fmt: str | None = None) -> tuple[list[ParsedC
     problems: list[str] = []
     try:
         if fmt in ("csv", "tsv"):
-            captions = _parse_table(path, "," if fmt == "csv" else "\t", problems)
+            captions = _parse_table(path, "," if fmt == "csv" else "\t", problems, max_chars)
         elif fmt == "jsonl":
-            captions = _parse_jsonl(path, problems)
+            captions = _parse_jsonl(path, problems, max_chars)
         elif fmt == "coco":
-            captions = _parse_coco(path, problems)
+            captions = _parse_coco(path, problems, max_chars)
         else:
             raise CaptionFileError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     except UnicodeDecodeError:
@@ -208,56 +406,23 @@ def _absolute_ref(ref: str | None, base: str) -> str | None:
 def _key(text: str, ref: str | None) -> str:
     # the reference as written (made absolute), not the image it matched: whether and how a
     # caption links depends on what is indexed, and adding a file twice must add nothing
-    return hashlib.sha256(f"{text}\0{ref or ''}".encode()).hexdigest()
-
-
-def link_captions(store: Store, session: Session) -> int:
-    """Link unlinked captions to images now indexed: by path, else by a unique file name."""
-    linked = store.link_captions(session)
-    pending = session.execute(select(CaptionRow.id, CaptionRow.image_ref).where(
-        CaptionRow.image_id.is_(None), CaptionRow.image_ref.is_not(None))).all()
-    if not pending:
-        return linked
-    wanted = {os.path.basename(ref) for _, ref in pending}
-    by_name: dict[str, list[int]] = defaultdict(list)
-    for image_id, image_path in session.execute(select(ImageRow.id, ImageRow.path)
-                                                .execution_options(yield_per=10_000)):
-        if os.path.basename(image_path) in wanted:
-            by_name[os.path.basename(image_path)].append(image_id)
-    for caption_id, ref in pending:
-        candidates = by_name.get(os.path.basename(ref), [])
-        if len(candidates) == 1:
-            session.execute(update(CaptionRow).where(CaptionRow.id == caption_id)
-                            .values(image_id=candidates[0]))
-            linked += 1
-    return linked
+    # surrogateescape: a non-UTF-8 folder name reaches the absolute reference as lone
+    # surrogates (PEP 383); the text itself was checked to be valid Unicode
+    return hashlib.sha256(f"{text}\0{ref or ''}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def add_captions(store: Store, embedder: Embedder, path: Path, *, fmt: str | None = None,
+                 max_chars: int = MAX_CAPTION_CHARS,
                  progress: Callable[[int, int], None] | None = None) -> CaptionReport:
-    """Embed a caption file's captions into the store; adding a file twice adds nothing."""
+    """Embed a caption file's captions into the store; adding a file twice adds nothing.
+
+    Captions longer than `max_chars` are cut (counted in the report's `truncated`).
+    """
     import time
 
     started = time.perf_counter()
-    parsed, problems = parse_caption_file(path, fmt)
-    matcher = _ImageMatcher(store)
-    base = os.path.dirname(os.path.abspath(path))  # as scan names files: links not resolved
-    fresh: dict[str, tuple[ParsedCaption, int | None, str | None]] = {}
-    duplicates = 0
-    for caption in parsed:
-        ref = _absolute_ref(caption.ref, base)
-        key = _key(caption.text, ref)
-        if key in fresh:
-            duplicates += 1
-            continue
-        fresh[key] = (caption, matcher.match(ref), ref)
-    with store.session() as s:
-        keys = list(fresh)
-        for start in range(0, len(keys), 900):
-            for existing in s.scalars(select(CaptionRow.key).where(
-                    CaptionRow.key.in_(keys[start:start + 900]))):
-                fresh.pop(existing)
-                duplicates += 1
+    parsed, problems = parse_caption_file(path, fmt, max_chars=max_chars)
+    fresh, duplicates = _fresh_captions(store, parsed, os.path.dirname(os.path.abspath(path)))
     items = list(fresh.items())
     linked = 0
     for start in range(0, len(items), EMBED_BATCH):
@@ -273,4 +438,30 @@ def add_captions(store: Store, embedder: Embedder, path: Path, *, fmt: str | Non
             progress(min(start + EMBED_BATCH, len(items)), len(items))
     return CaptionReport(added=len(items), duplicates=duplicates, linked=linked,
                          skipped=len(problems), problems=tuple(problems),
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started,
+                         truncated=sum(c.truncated for c in parsed),
+                         nul_stripped=sum(c.nul_stripped for c in parsed), max_chars=max_chars)
+
+
+def _fresh_captions(store: Store, parsed: list[ParsedCaption], base: str
+                    ) -> tuple[dict[str, tuple[ParsedCaption, int | None, str | None]], int]:
+    """key -> (caption, matched image id, absolute ref) of captions not yet stored, and how
+    many were duplicates (in the file, or already in the store)."""
+    matcher = _ImageMatcher(store)
+    fresh: dict[str, tuple[ParsedCaption, int | None, str | None]] = {}
+    duplicates = 0
+    for caption in parsed:
+        ref = _absolute_ref(caption.ref, base)  # base as scan names files: links not resolved
+        key = _key(caption.text, ref)
+        if key in fresh:
+            duplicates += 1
+            continue
+        fresh[key] = (caption, matcher.match(ref), ref)
+    with store.session() as s:
+        keys = list(fresh)
+        for start in range(0, len(keys), 900):
+            for existing in s.scalars(select(CaptionRow.key).where(
+                    CaptionRow.key.in_(keys[start:start + 900]))):
+                fresh.pop(existing)
+                duplicates += 1
+    return fresh, duplicates

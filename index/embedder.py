@@ -33,6 +33,11 @@ OFFLINE_HINT = (
 )
 
 
+def is_embedder(obj: object) -> bool:
+    """Whether `obj` is a loaded embedder (not a factory that makes one)."""
+    return hasattr(obj, "encode_image_tensors") and hasattr(obj, "encode_texts")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """What open_clip is asked for: a model name (maybe with schema) and a pretrained tag/file."""

@@ -14,26 +14,34 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 
 from . import faults
-from .captions import link_captions
-from .embedder import Embedder
-from .scan import Decoded, DecodeFailure, FoundFile, ScanError, decode_file, scan
-from .store import FailureRow, ImageRow, Store, now
+from .embedder import Embedder, is_embedder
+from .scan import (
+    Decoded,
+    DecodeFailure,
+    FileVanished,
+    FoundFile,
+    ScanError,
+    decode_file,
+    hash_file,
+    retried_every_run,
+    scan,
+)
+from .settings import DECODE_NICE
+from .store import FailureRow, ImageRow, Store, failure_reason, now
 
 __all__ = ["IngestProgress", "IngestReport", "ingest_images"]
 
 BATCH_SIZE = 64
-# Decode threads run this much nicer than the model's threads (Linux, per thread). Decoding and
-# the model share the cores; at equal priority the decoders preempt torch's OpenMP workers,
-# which then stall each other at every barrier. Env CLIPDEX_DECODE_NICE overrides (0: off).
-DECODE_NICE = 10
-# Env CLIPDEX_DECODE_GATE=0 lets decoding overlap the model on a CPU (see ingest_images).
-GATE_DECODERS_ON_CPU = os.environ.get("CLIPDEX_DECODE_GATE", "1") != "0"
+# A file whose decoding takes longer than this is recorded as a failure and the run goes on
+# (a 179 MP PNG, the largest accepted, decodes in ~3 s here; a hung network mount never ends).
+DECODE_TIMEOUT_S = 300.0
 
 
 def _cores() -> int:
@@ -43,13 +51,13 @@ def _cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _init_decode_thread() -> None:
+def _init_decode_thread(nice: int) -> None:
     """Decode threads: one torch thread each (preprocess's tensor ops would otherwise start
-    an OpenMP team per decoder), and a lower priority than the model's threads."""
+    an OpenMP team per decoder), and `nice` lower priority than the model's threads (see
+    settings.DECODE_NICE)."""
     import torch
 
     torch.set_num_threads(1)  # per calling thread: the model's threads are unaffected
-    nice = int(os.environ.get("CLIPDEX_DECODE_NICE", DECODE_NICE))
     if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
         try:  # on Linux a thread id is a valid PRIO_PROCESS target and affects that thread only
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
@@ -67,15 +75,23 @@ class IngestReport:
     removed: int = 0
     failed: int = 0  # files that failed in this run (reasons in `failures`)
     skipped_failed: int = 0  # files that failed before and have not changed since
+    rehashed: int = 0  # unchanged files whose content hash was checked (--rehash)
     seconds: float = 0.0
     failures: tuple[tuple[str, str], ...] = ()
     index: dict = field(default_factory=dict)
+
+    @property
+    def failures_remain(self) -> bool:
+        """Whether files under the indexed paths are still not indexed (`clipdex index` exits
+        3): those that failed now, and those that failed before and did not change."""
+        return bool(self.failed or self.skipped_failed)
 
     def as_dict(self) -> dict:
         return {
             "new": self.new, "changed": self.changed, "unchanged": self.unchanged,
             "moved": self.moved, "removed": self.removed, "failed": self.failed,
-            "skipped_failed": self.skipped_failed, "seconds": round(self.seconds, 3),
+            "skipped_failed": self.skipped_failed, "rehashed": self.rehashed,
+            "failures_remain": self.failures_remain, "seconds": round(self.seconds, 3),
             "images_per_second": round((self.new + self.changed) / self.seconds, 2)
             if self.seconds else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
@@ -107,6 +123,7 @@ class _Plan:
     vanished_by_hash: dict[str, list[int]]  # content hash -> such row ids (for move detection)
     vanished_failures: list[str]
     scan_failures: list[tuple[FoundFile, str]]  # broken links etc., new or changed since
+    unchanged_rows: list[tuple[FoundFile, int, str]] = field(default_factory=list)
 
 
 def _under(path: str, roots: list[str]) -> bool:
@@ -114,7 +131,8 @@ def _under(path: str, roots: list[str]) -> bool:
 
 
 def _plan(store: Store, roots: list[Path], found: list[FoundFile],
-          scan_errors: list[ScanError]) -> _Plan:
+          scan_errors: list[ScanError], *, retry_failed: bool = False,
+          keep_unchanged: bool = False) -> _Plan:
     root_strs = [os.path.abspath(r) for r in roots]
     # what sits in a folder that could not be listed was not seen, not deleted: keep it
     unlisted = [e.path for e in scan_errors if e.folder]
@@ -129,6 +147,7 @@ def _plan(store: Store, roots: list[Path], found: list[FoundFile],
                     if _under(f.path, root_strs) and not _under(f.path, unlisted)}
     to_embed, changed_ids, scan_failures = [], {}, []
     unchanged = skipped_failed = 0
+    unchanged_rows: list[tuple[FoundFile, int, str]] = []
     found_paths = set()
     unusable = [(FoundFile(e.path, e.size, e.mtime_ns), e.reason)
                 for e in scan_errors if not e.folder]
@@ -137,9 +156,12 @@ def _plan(store: Store, roots: list[Path], found: list[FoundFile],
         row = rows.get(f.path)
         if reason is None and row is not None and (row.size, row.mtime_ns) == (f.size, f.mtime_ns):
             unchanged += 1
+            if keep_unchanged:
+                unchanged_rows.append((f, row.id, row.content_hash))
             continue
         failure = failures.get(f.path)
-        if row is None and failure is not None and \
+        if row is None and failure is not None and not retry_failed and \
+                not retried_every_run(failure.reason) and \
                 (failure.size, failure.mtime_ns) == (f.size, f.mtime_ns):
             skipped_failed += 1  # retried only once the file changes
             continue
@@ -155,35 +177,46 @@ def _plan(store: Store, roots: list[Path], found: list[FoundFile],
         by_hash.setdefault(content_hash, []).append(row_id)
     vanished_failures = [p for p in failures if p not in found_paths]
     return _Plan(found, to_embed, changed_ids, unchanged, skipped_failed, vanished, by_hash,
-                 vanished_failures, scan_failures)
+                 vanished_failures, scan_failures, unchanged_rows)
 
 
 class _Turns:
     """Decoders and the model take turns on the CPU: any number of decodes at once, or the
-    model alone (a readers–writer lock that favours the model)."""
+    model alone (a readers–writer lock that favours the model).
 
-    def __init__(self) -> None:
+    A decode running longer than `stale_after` seconds no longer holds the model back: the
+    run has given up on it (DECODE_TIMEOUT_S), and the model must not wait for it either.
+    """
+
+    def __init__(self, *, stale_after: float | None = None) -> None:
         self._cond = threading.Condition()
-        self._decoding = 0
+        self._decoding: dict[object, float] = {}  # token -> start time
         self._model = False
+        self._stale_after = DECODE_TIMEOUT_S if stale_after is None else stale_after
 
     @contextlib.contextmanager
     def decode(self) -> Iterator[None]:
+        token = object()
         with self._cond:
             self._cond.wait_for(lambda: not self._model)
-            self._decoding += 1
+            self._decoding[token] = time.monotonic()
         try:
             yield
         finally:
             with self._cond:
-                self._decoding -= 1
+                del self._decoding[token]
                 self._cond.notify_all()
+
+    def _decodes_done(self) -> bool:
+        oldest_alive = time.monotonic() - self._stale_after
+        return all(started < oldest_alive for started in self._decoding.values())
 
     @contextlib.contextmanager
     def model(self) -> Iterator[None]:
         with self._cond:
             self._model = True  # no new decode starts; the ones running finish first
-            self._cond.wait_for(lambda: self._decoding == 0)
+            while not self._cond.wait_for(self._decodes_done, timeout=1.0):
+                pass  # woken each second: a decode may have gone stale meanwhile
         try:
             yield
         finally:
@@ -197,13 +230,14 @@ class _Batch:
 
     def __init__(self) -> None:
         self.files: list[FoundFile] = []
-        self.decoded: list[Decoded] = []
+        self.decoded: list[Decoded] = []  # hash and size only: the pixels are in `tensors`
         self.tensors: list = []  # what Embedder.prepare returned, per image
         self.failures: list[tuple[FoundFile, str]] = []
         self.moves: list[tuple[int, FoundFile]] = []
+        self.vanished: list[FoundFile] = []  # deleted since the scan: removals
 
     def __len__(self) -> int:
-        return len(self.files) + len(self.failures) + len(self.moves)
+        return len(self.files) + len(self.failures) + len(self.moves) + len(self.vanished)
 
 
 def ingest_images(
@@ -215,27 +249,88 @@ def ingest_images(
     include_hidden: bool = False,
     workers: int | None = None,
     batch_size: int = BATCH_SIZE,
+    retry_failed: bool = False,
+    rehash: bool = False,
+    decode_gate: bool = True,
+    decode_nice: int = DECODE_NICE,
     progress: ProgressFn | None = None,
 ) -> IngestReport:
     """Bring the store's images under `roots` in line with the files on disk.
 
+    A file counts as unchanged while its size and mtime are; with `rehash`, unchanged files
+    are hashed too and re-embedded when their content differs. Recorded failures are retried
+    when their file changes, when the reason was a permission error, or with `retry_failed`.
     `embedder` may be a zero-argument factory, called only when something needs embedding.
+    `decode_gate` and `decode_nice` are Settings' (how decoders share a CPU with the model).
     """
     started = time.perf_counter()
     roots = [Path(r) for r in roots]
+    plan, scan_errors = _scan_and_plan(store, roots, exclude=exclude,
+                                       include_hidden=include_hidden,
+                                       retry_failed=retry_failed, rehash=rehash)
+    workers = workers or _cores()
+    rehashed = _rehash_unchanged(plan, workers) if rehash else 0
+    counts = {"new": 0, "changed": 0, "unchanged": plan.unchanged, "moved": 0, "failed": 0,
+              "removed": 0}
+    if progress:
+        progress(IngestProgress("scan", len(plan.found), len(plan.found), dict(counts)))
+    # folders that could not be listed are reported each run; files that failed are recorded
+    failures: list[tuple[str, str]] = [(e.path, e.reason) for e in scan_errors if e.folder]
+    counts["failed"] += len(failures)
+    if plan.to_embed and not is_embedder(embedder):
+        embedder = embedder()  # an unchanged tree never pays for loading the model
+    _embed_planned(store, embedder, plan, counts, failures, workers=workers,
+                   batch_size=batch_size, gate=_gate_for(embedder, decode_gate),
+                   nice=decode_nice, progress=progress)
+    removed = _remove_vanished(store, plan) + counts["removed"]
+    with store.session() as s, s.begin():
+        store.link_captions(s)
+    return IngestReport(
+        new=counts["new"], changed=counts["changed"], unchanged=plan.unchanged,
+        moved=counts["moved"], removed=removed, failed=counts["failed"],
+        skipped_failed=plan.skipped_failed, rehashed=rehashed,
+        seconds=time.perf_counter() - started, failures=tuple(failures))
+
+
+def _scan_and_plan(store: Store, roots: list[Path], *, exclude: Iterable[str],
+                   include_hidden: bool, retry_failed: bool,
+                   rehash: bool) -> tuple[_Plan, list[ScanError]]:
     scan_errors: list[ScanError] = []
     found = []
     for f in scan(roots, exclude=exclude, include_hidden=include_hidden,
                   on_error=scan_errors.append):
         faults.crash_test_hook("scan")
         found.append(f)
-    plan = _plan(store, roots, found, scan_errors)
-    counts = {"new": 0, "changed": 0, "unchanged": plan.unchanged, "moved": 0, "failed": 0}
-    if progress:
-        progress(IngestProgress("scan", len(found), len(found), dict(counts)))
-    # folders that could not be listed are reported each run; files that failed are recorded
-    failures: list[tuple[str, str]] = [(e.path, e.reason) for e in scan_errors if e.folder]
-    counts["failed"] += len(failures)
+    plan = _plan(store, roots, found, scan_errors, retry_failed=retry_failed,
+                 keep_unchanged=rehash)
+    return plan, scan_errors
+
+
+def _rehash_unchanged(plan: _Plan, workers: int) -> int:
+    """Hash the files that look unchanged; those whose bytes differ are re-embedded."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="clipdex-hash") as pool:
+        hashes = pool.map(_hash_or_none, [f.path for f, _, _ in plan.unchanged_rows])
+        for (f, row_id, stored_hash), digest in zip(plan.unchanged_rows, hashes):
+            if digest is not None and digest != stored_hash:
+                plan.to_embed.append(f)
+                plan.changed_ids[f.path] = row_id
+                plan.unchanged -= 1
+    return len(plan.unchanged_rows)
+
+
+def _hash_or_none(path: str) -> str | None:
+    try:
+        return hash_file(path)
+    except OSError:
+        return None  # gone or unreadable: the embedding pass will not see it either
+
+
+def _embed_planned(store: Store, embedder: Embedder, plan: _Plan, counts: dict,
+                   failures: list[tuple[str, str]], *, workers: int, batch_size: int,
+                   gate: "_Turns | None", nice: int, progress: ProgressFn | None) -> None:
+    """Decode (threads) and embed (batches) what the plan lists; one transaction per batch."""
+    # decode JPEGs no smaller than twice the model input
+    min_side = 2 * embedder.image_size if plan.to_embed else 0
 
     def flush(batch: _Batch) -> None:
         _commit(store, embedder, batch, plan, counts, failures, gate)
@@ -244,54 +339,48 @@ def ingest_images(
             total = len(plan.to_embed) + len(plan.scan_failures)
             progress(IngestProgress("embed", done, total, dict(counts)))
 
-    if plan.to_embed and not isinstance(embedder, Embedder):
-        embedder = embedder()  # an unchanged tree never pays for loading the model
-    # decode JPEGs no smaller than twice the model input
-    min_side = 2 * embedder.image_size if plan.to_embed else 0
+    batch = _Batch()
+    batch.failures.extend(plan.scan_failures)
     # one decoder per core: on a CPU they take turns with the model, on a GPU decoding is the
     # only CPU work (an H200 with 16 cores indexed 12 MP photos at 55 img/s with 4 decoders,
     # 145 with 16: bench/gpu_ingest.py)
-    workers = workers or _cores()
-    batch = _Batch()
-    batch.failures.extend(plan.scan_failures)
-    # On a CPU the decoders and the model take turns: both want every core, and sharing them
-    # stalls torch's OpenMP threads at each barrier. Taking turns costs what the model-only and
-    # decode-only figures add up to, the bound bench/ingest.py measures against; overlapping
-    # cost more CPU per photo (alternating A/B, bench/ingest_ab.py CLIPDEX_DECODE_GATE=0,1:
-    # tiny 1 MP 8.61 → 8.30 ms, tiny 12 MP 52.1 → 50.6, ViT-B-32 1 MP 57.7 → 55.1). On a GPU
-    # the decoders keep going.
-    gate: _Turns | None = None
-    device = getattr(embedder, "device", None)
-    if GATE_DECODERS_ON_CPU and getattr(device, "type", None) == "cpu":
-        gate = _Turns()
-    with ThreadPoolExecutor(workers, thread_name_prefix="clipdex-decode",
-                            initializer=_init_decode_thread) as pool:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="clipdex-decode",
+                              initializer=_init_decode_thread, initargs=(nice,))
+    stuck = False
+    try:
         pending: deque[tuple[FoundFile, Future]] = deque()
-        files = iter(plan.to_embed)
         window = max(2 * batch_size, 4 * workers)  # bounded memory on any library size
-        for f in files:
-            pending.append((f, pool.submit(_decode_and_preprocess, f.path, min_side, embedder,
-                                           gate)))
-            if len(pending) >= window:
-                _take(pending.popleft(), batch, plan)
-                if len(batch) >= batch_size:
-                    flush(batch)
-                    batch = _Batch()
-        while pending:
-            _take(pending.popleft(), batch, plan)
+        files = iter(plan.to_embed)
+        while True:
+            for f in files:
+                pending.append((f, pool.submit(_decode_and_preprocess, f.path, min_side,
+                                               embedder, gate)))
+                if len(pending) >= window:
+                    break
+            if not pending:
+                break
+            stuck |= _take(pending.popleft(), batch, plan)
             if len(batch) >= batch_size:
                 flush(batch)
                 batch = _Batch()
+    finally:
+        # a decode that never returns keeps its thread; the run does not wait for it
+        pool.shutdown(wait=not stuck, cancel_futures=True)
     if len(batch):
         flush(batch)
-    removed = _remove_vanished(store, plan)
-    with store.session() as s, s.begin():
-        link_captions(store, s)
-    return IngestReport(
-        new=counts["new"], changed=counts["changed"], unchanged=plan.unchanged,
-        moved=counts["moved"], removed=removed, failed=counts["failed"],
-        skipped_failed=plan.skipped_failed, seconds=time.perf_counter() - started,
-        failures=tuple(failures))
+
+
+def _gate_for(embedder: Embedder | Callable[[], Embedder], enabled: bool) -> "_Turns | None":
+    """On a CPU the decoders and the model take turns: both want every core, and sharing them
+    stalls torch's OpenMP threads at each barrier. Taking turns costs what the model-only and
+    decode-only figures add up to, the bound bench/ingest.py measures against; overlapping
+    cost more CPU per photo (alternating A/B, bench/ingest_ab.py CLIPDEX_DECODE_GATE=0,1:
+    tiny 1 MP 8.61 → 8.30 ms, tiny 12 MP 52.1 → 50.6, ViT-B-32 1 MP 57.7 → 55.1). On a GPU
+    the decoders keep going. Settings.decode_gate (CLIPDEX_DECODE_GATE=0) turns it off."""
+    device = getattr(embedder, "device", None)
+    if enabled and getattr(device, "type", None) == "cpu":
+        return _Turns()
+    return None
 
 
 def _decode_and_preprocess(path: str, min_side: int, embedder: Embedder,
@@ -303,29 +392,41 @@ def _decode_and_preprocess(path: str, min_side: int, embedder: Embedder,
 def _decode_and_preprocess_now(path: str, min_side: int, embedder: Embedder):
     try:
         decoded = decode_file(path, min_side=min_side)
+        prepared = embedder.prepare(decoded.image)
     except DecodeFailure as exc:
         return exc
     except Exception as exc:  # a decoder bug in Pillow must not stop the run
         return DecodeFailure(f"unexpected decoder error: {type(exc).__name__}: {exc}")
-    return decoded, embedder.prepare(decoded.image)
+    # keep only what the commit needs: a batch of full-size pixels would cost gigabytes
+    return replace(decoded, image=None), prepared
 
 
-def _take(item: tuple[FoundFile, Future], batch: _Batch, plan: _Plan) -> None:
+def _take(item: tuple[FoundFile, Future], batch: _Batch, plan: _Plan) -> bool:
+    """Put one decoded file into the batch; True when its decoding timed out."""
     f, future = item
-    result = future.result()
+    try:
+        result = future.result(timeout=DECODE_TIMEOUT_S)
+    except FutureTimeout:
+        batch.failures.append((f, f"decoding took longer than {DECODE_TIMEOUT_S:.0f} s "
+                                  f"(a hung file system or a pathological image); skipped"))
+        return True
+    if isinstance(result, FileVanished):
+        batch.vanished.append(f)
+        return False
     if isinstance(result, DecodeFailure):
         batch.failures.append((f, str(result)))
-        return
+        return False
     decoded, tensor = result
     moved_ids = plan.vanished_by_hash.get(decoded.content_hash)
     if moved_ids and f.path not in plan.changed_ids:
         moved_id = moved_ids.pop()
         del plan.vanished[moved_id]
         batch.moves.append((moved_id, f))  # same bytes under a new name: keep the vector
-        return
+        return False
     batch.files.append(f)
     batch.decoded.append(decoded)
     batch.tensors.append(tensor)
+    return False
 
 
 def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts: dict,
@@ -354,18 +455,23 @@ def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts
                  "content_hash": d.content_hash, "width": d.width, "height": d.height,
                  "vector": v.tobytes(), "added_at": stamp}
                 for f, d, v in zip(batch.files, batch.decoded, vectors)])
-        done_paths = [f.path for f in batch.files] + [f.path for _, f in batch.moves]
+        done_paths = [f.path for f in batch.files] + [f.path for _, f in batch.moves] + \
+            [f.path for f in batch.vanished]
         if done_paths:
             s.execute(delete(FailureRow).where(FailureRow.path.in_(done_paths)))
+        gone_ids = [plan.changed_ids[f.path] for f in batch.vanished if f.path in plan.changed_ids]
+        if gone_ids:  # a changed file deleted before it was read: its old row goes
+            s.execute(delete(ImageRow).where(ImageRow.id.in_(gone_ids)))
+            counts["removed"] += len(gone_ids)
         for f, reason in batch.failures:
-            s.merge(FailureRow(path=f.path, size=f.size, mtime_ns=f.mtime_ns, reason=reason,
-                               failed_at=stamp))
+            s.merge(FailureRow(path=f.path, size=f.size, mtime_ns=f.mtime_ns,
+                               reason=failure_reason(reason), failed_at=stamp))
             old_id = plan.changed_ids.get(f.path)
             if old_id is not None:  # the file changed into something unreadable: drop the old
                 s.execute(delete(ImageRow).where(ImageRow.id == old_id))
             failures.append((f.path, reason))
             counts["failed"] += 1
-        dropped = any(plan.changed_ids.get(f.path) for f, _ in batch.failures)
+        dropped = gone_ids or any(plan.changed_ids.get(f.path) for f, _ in batch.failures)
         if batch.files or batch.moves or dropped:
             store.bump_generation(s, "image")
         s.flush()

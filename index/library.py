@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import select
-
-from .captions import CaptionReport, add_captions
+from .atomic import remove_stale_temps
+from .captions import MAX_CAPTION_CHARS, CaptionReport, add_captions
 from .embedder import Embedder
-from .errors import EmptyLibrary
+from .errors import EmptyLibrary, LibraryUnavailable, NoLibrary
 from .ingest import IngestProgress, IngestReport, ProgressFn, ingest_images
 from .settings import DEFAULT_MODEL, Settings
-from .store import FailureRow, Store, check_model
+from .store import Store, StoredFailure, check_model
 from .vectors import VectorIndex
 
 __all__ = ["Failure", "Library"]
@@ -23,11 +21,7 @@ __all__ = ["Failure", "Library"]
 KINDS = ("image", "caption")
 
 
-@dataclass(frozen=True)
-class Failure:
-    path: str
-    reason: str
-    failed_at: float
+Failure = StoredFailure  # what `failures()` lists: path, reason, failed_at
 
 
 class Library:
@@ -38,15 +32,24 @@ class Library:
         db: an SQLAlchemy URL for the metadata store (default: SQLite inside `home`).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, create: bool = True) -> None:
+        """Open the library `settings` name. Writers (`create`) make it when missing; readers
+        write nothing, and a missing library is NoLibrary."""
         self.settings = settings
-        settings.home.mkdir(parents=True, exist_ok=True)
-        self.store = Store(settings.database_url)
+        if create:
+            _make_home(settings.home)
+            remove_stale_temps(settings.home)  # e.g. a prior save killed before its rename
+        elif settings.db_url is None and not (settings.home / "library.db").is_file():
+            raise NoLibrary(f"no library at {settings.home}: run `clipdex index PATH` first")
+        self.store = Store(settings.database_url, create=create)
         self._embedders: dict[tuple[str, str], Embedder] = {}
 
     @classmethod
-    def open(cls, home: str | os.PathLike | None = None, *, db: str | None = None) -> "Library":
-        return cls(Settings.resolve(home, db))
+    def open(cls, home: str | os.PathLike | None = None, *, db: str | None = None,
+             create: bool = True) -> "Library":
+        """Open by home folder and/or database URL (each else CLIPDEX_HOME / CLIPDEX_DB, else
+        the per-user data dir and SQLite inside it); `create=False` for reading only."""
+        return cls(Settings.resolve(home, db), create=create)
 
     def close(self) -> None:
         self.store.close()
@@ -64,10 +67,13 @@ class Library:
         recorded = self.store.model_fingerprint()
         return recorded[0] if recorded else None
 
-    def embedder(self, model: str | None = None, *, precision: str = "auto") -> Embedder:
-        """The library's embedder; `model` must match the recorded one when there is one."""
+    def embedder(self, model: str | None = None, *, precision: str | None = None) -> Embedder:
+        """The library's embedder; `model` must match the recorded one when there is one.
+
+        `model` and `precision` default to the Settings' (flag, CLIPDEX_*, or default)."""
         recorded = self.model
-        spec = model or recorded or DEFAULT_MODEL
+        precision = precision or self.settings.precision
+        spec = model or recorded or self.settings.model or DEFAULT_MODEL
         if recorded is not None:
             check_model(recorded, spec)
         key = (spec, precision)
@@ -75,7 +81,8 @@ class Library:
             self._embedders[key] = Embedder.load(spec, precision=precision)
         return self._embedders[key]
 
-    def _claim(self, model: str | None, precision: str) -> Embedder:
+    def _claim(self, model: str | None, precision: str | None) -> Embedder:
+        model = model or self.settings.model
         recorded = self.model
         if recorded is not None and model is not None and model != recorded:
             check_model(recorded, model)  # refuse before loading anything heavy
@@ -87,9 +94,15 @@ class Library:
     # --- write path -------------------------------------------------------------------------
     def index(self, paths: Iterable[str | os.PathLike], *, model: str | None = None,
               exclude: Iterable[str] = (), include_hidden: bool = False,
-              precision: str = "auto", workers: int | None = None,
+              precision: str | None = None, workers: int | None = None,
+              retry_failed: bool = False, rehash: bool = False,
               progress: ProgressFn | None = None) -> IngestReport:
-        """Index (incrementally) the images under `paths`; returns what changed."""
+        """Index (incrementally) the images under `paths`; returns what changed.
+
+        A file is unchanged while its size and mtime are; `rehash` also compares content
+        hashes. `retry_failed` retries every recorded failure, changed or not.
+        """
+        model = model or self.settings.model
         recorded = self.store.model_fingerprint()
         if recorded is not None:
             check_model(recorded[0], model or recorded[0])
@@ -100,7 +113,11 @@ class Library:
             embedder = self._claim(model, precision)
             dim = embedder.dim
         report = ingest_images(self.store, embedder, [Path(p) for p in paths], exclude=exclude,
-                               include_hidden=include_hidden, workers=workers, progress=progress)
+                               include_hidden=include_hidden,
+                               workers=workers or self.settings.workers,
+                               retry_failed=retry_failed, rehash=rehash,
+                               decode_gate=self.settings.decode_gate,
+                               decode_nice=self.settings.decode_nice, progress=progress)
         def note(message: str) -> None:  # a rebuild after crossing a threshold says so
             if progress:
                 progress(IngestProgress("index", 0, 0, {"index": message}))
@@ -115,11 +132,12 @@ class Library:
                                       "captions": captions.describe()})
 
     def add_captions(self, path: str | os.PathLike, *, format: str | None = None,
-                     model: str | None = None, precision: str = "auto",
-                     progress=None) -> CaptionReport:
+                     model: str | None = None, precision: str | None = None,
+                     max_chars: int = MAX_CAPTION_CHARS, progress=None) -> CaptionReport:
         """Embed a caption file (csv, tsv, jsonl or COCO json) into the caption index."""
         embedder = self._claim(model, precision)
-        report = add_captions(self.store, embedder, Path(path), fmt=format, progress=progress)
+        report = add_captions(self.store, embedder, Path(path), fmt=format, max_chars=max_chars,
+                              progress=progress)
         VectorIndex.open(self.store, "caption", embedder.dim, self.settings.index_dir, save=True)
         return report
 
@@ -134,15 +152,13 @@ class Library:
         return VectorIndex.open(self.store, kind, recorded[1], self.settings.index_dir, mmap=mmap)
 
     def failures(self) -> list[Failure]:
-        with self.store.session() as s:
-            rows = s.scalars(select(FailureRow).order_by(FailureRow.path)).all()
-        return [Failure(r.path, r.reason, r.failed_at) for r in rows]
+        return self.store.failures()
 
     def stats(self) -> dict:
         recorded = self.store.model_fingerprint()
         index_info = {}
         for kind in KINDS:
-            path, generation = VectorIndex._newest_file(self.settings.index_dir, kind)
+            path, generation = VectorIndex.newest_file(self.settings.index_dir, kind)
             index_info[kind + "s"] = {
                 "file": str(path) if path else None, "generation": generation,
                 "store_generation": self.store.generation(kind)}
@@ -165,9 +181,22 @@ class Library:
 
 
 def _factory_name(index) -> str:
-    from .vectors import _describe
+    from .vectors import describe_index
 
-    return _describe(index)
+    return describe_index(index)
+
+
+def _make_home(home: Path) -> None:
+    """The library folder, made if missing; one clear error when it cannot be used."""
+    if home.exists() and not home.is_dir():
+        raise LibraryUnavailable(f"the library home {home} is not a folder (--home)")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LibraryUnavailable(f"cannot create the library home {home}: "
+                                 f"{exc.strerror or exc}") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise LibraryUnavailable(f"the library home {home} is not writable")
 
 
 def _redact(url: str) -> str:

@@ -6,6 +6,7 @@ import fnmatch
 import hashlib
 import io
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,13 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "DecodeFailure",
     "Decoded",
+    "FileVanished",
     "FoundFile",
     "ScanError",
     "decode_file",
+    "decode_image",
+    "hash_file",
+    "retried_every_run",
     "scan",
 ]
 
@@ -27,6 +32,9 @@ HEIF_SUFFIXES = frozenset({".heic", ".heif", ".avif"})
 # Pillow refuses images above 2× its MAX_IMAGE_PIXELS (~179 MP) as decompression bombs; we
 # refuse at the same size whatever Pillow's global setting, before decoding a byte of pixels.
 MAX_PIXELS = 178_956_970
+# Failures with this in their reason are retried on every run, changed or not: fixing a file's
+# permissions does not change its size or mtime.
+PERMISSION_DENIED = "permission denied"
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,7 @@ def _unstattable(path: str, exc: OSError) -> ScanError | None:
         st = os.lstat(path)
     except OSError:
         return None
-    reason = exc.strerror or str(exc)
+    reason = _os_reason(exc)
     if os.path.islink(path):
         reason = f"broken symbolic link (missing target or a link loop): {reason}"
     else:
@@ -108,6 +116,11 @@ def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: 
                 on_error(error)
             return None
         seen_files.add(real)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO named .jpg would block the first read
+            if on_error:
+                on_error(ScanError(path, f"not a regular file ({_file_kind(st.st_mode)})", False,
+                                   st.st_size, st.st_mtime_ns))
+            return None
         return FoundFile(path, st.st_size, st.st_mtime_ns)
 
     for root in roots:
@@ -141,6 +154,25 @@ def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: 
                     yield found
 
 
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISDIR: "a folder"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a plain file")
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError as a reason; permission errors say so in words `retried_every_run` knows."""
+    if isinstance(exc, PermissionError):
+        return f"{PERMISSION_DENIED} (retried on every run)"
+    return exc.strerror or str(exc)
+
+
+def retried_every_run(reason: str) -> bool:
+    """Whether a recorded failure is retried even though its file has not changed."""
+    return PERMISSION_DENIED in reason.lower()
+
+
 def _walk_error(on_error: Callable[[ScanError], None] | None):
     def handler(exc: OSError) -> None:
         if on_error:
@@ -153,43 +185,72 @@ class DecodeFailure(Exception):
     """A file that cannot become an image; the message is the reason recorded."""
 
 
+class FileVanished(DecodeFailure):
+    """The file was deleted between the scan and its decoding: a removal, not a failure."""
+
+
 @dataclass(frozen=True)
 class Decoded:
     content_hash: str
     width: int
     height: int
-    image: object  # PIL.Image.Image, RGB, possibly reduced by JPEG draft
+    image: object  # PIL.Image.Image, RGB, possibly reduced by JPEG draft; None once prepared
 
 
 def decode_file(path: str, *, min_side: int) -> Decoded:
-    """Read, hash and decode one file to an upright RGB image at least `min_side` on each side.
+    """Open one regular file, decode it to an upright RGB image at least `min_side` on each
+    side, and hash it.
 
-    Raises DecodeFailure with a human-readable reason.
+    Only the header is read before the file is known to be an image Pillow can open, and the
+    hash streams: a huge file that is not an image costs no memory. Raises DecodeFailure (or
+    FileVanished) with a human-readable reason.
     """
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+    try:  # O_NONBLOCK: a FIFO swapped in since the scan must not block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise DecodeFailure("file vanished before it could be read") from None
+        raise FileVanished("file vanished before it could be read") from None
     except OSError as exc:
-        raise DecodeFailure(f"cannot read: {exc.strerror or exc}") from None
-    if not data:
-        raise DecodeFailure("empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
-    image, width, height = _decode_bytes(data, min_side)
+        raise DecodeFailure(f"cannot read: {_os_reason(exc)}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeFailure(f"not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size == 0:
+            raise DecodeFailure("empty file (0 bytes)")
+        image, width, height = decode_image(fh, min_side)
+        try:
+            fh.seek(0)
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise DecodeFailure(f"cannot read: {_os_reason(exc)}") from None
     return Decoded(digest, width, height, image)
 
 
+def hash_file(path: str) -> str:
+    """The sha256 of a regular file's bytes, streamed. Raises OSError (also for a non-file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise IsADirectoryError(f"{path}: not a regular file")
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def _decode_bytes(data: bytes, min_side: int):
+    return decode_image(io.BytesIO(data), min_side)
+
+
+def decode_image(fh, min_side: int):
+    """(image, width, height) from a binary file object: upright RGB, JPEGs decoded at reduced
+    size (draft) when much larger than `min_side`. Raises DecodeFailure."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if not _decode_bytes.__dict__.get("heif_registered") and _heif_available():
+    if not decode_image.__dict__.get("heif_registered") and _heif_available():
         import pillow_heif
 
         pillow_heif.register_heif_opener()
-        _decode_bytes.heif_registered = True  # type: ignore[attr-defined]
+        decode_image.heif_registered = True  # type: ignore[attr-defined]
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(fh)
         width, height = im.size
         if width * height > MAX_PIXELS:
             raise DecodeFailure(f"image too large ({width}×{height} pixels; limit "

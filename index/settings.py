@@ -1,15 +1,30 @@
-"""Where a library lives: one Settings object, flag > environment (CLIPDEX_*) > default."""
+"""Every knob in one Settings object, resolved once: flag > environment (CLIPDEX_*) > default."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL", "Settings", "default_home"]
+from .errors import UsageProblem
+
+__all__ = ["DECODE_NICE", "DEFAULT_MODEL", "ENVIRONMENT", "PRECISIONS", "Settings",
+           "default_home"]
 
 # What a user with a network gets by default. These machines cannot download it: `--model tiny`.
 DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# Decode threads run this much nicer than the model's threads (Linux, per thread). Decoding and
+# the model share the cores; at equal priority the decoders preempt torch's OpenMP workers,
+# which then stall each other at every barrier (bench/decode_priority.py). 0: off.
+DECODE_NICE = 10
+# field -> the environment variable that sets it when no flag does
+ENVIRONMENT = {
+    "home": "CLIPDEX_HOME", "db_url": "CLIPDEX_DB", "model": "CLIPDEX_MODEL",
+    "precision": "CLIPDEX_PRECISION", "workers": "CLIPDEX_WORKERS",
+    "decode_gate": "CLIPDEX_DECODE_GATE", "decode_nice": "CLIPDEX_DECODE_NICE",
+}
 
 
 def default_home() -> Path:
@@ -21,15 +36,56 @@ def default_home() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
+    """Where a library lives and how it is written and read.
+
+    Attributes:
+        home: the library folder.
+        db_url: any SQLAlchemy URL for the store; None: SQLite inside `home`.
+        model: the model spec asked for; None: the library's own (DEFAULT_MODEL when new).
+        precision: one of PRECISIONS.
+        workers: decode threads; None: one per core.
+        decode_gate: on a CPU, decoders and the model take turns (index.ingest._Turns).
+        decode_nice: how much nicer decode threads run than the model's.
+    """
+
     home: Path
-    db_url: str | None = None  # any SQLAlchemy URL; default SQLite inside `home`
+    db_url: str | None = None
+    model: str | None = None
+    precision: str = "auto"
+    workers: int | None = None
+    decode_gate: bool = True
+    decode_nice: int = DECODE_NICE
 
     @classmethod
-    def resolve(cls, home: str | os.PathLike | None = None,
-                db_url: str | None = None) -> "Settings":
-        home = home or os.environ.get("CLIPDEX_HOME") or default_home()
-        db_url = db_url or os.environ.get("CLIPDEX_DB") or None
-        return cls(Path(home).expanduser().resolve(), db_url)
+    def resolve(cls, home: str | os.PathLike | None = None, db_url: str | None = None, *,
+                model: str | None = None, precision: str | None = None,
+                workers: int | None = None, environ: Mapping[str, str] | None = None,
+                ) -> "Settings":
+        """Each value from its flag (the arguments), else its CLIPDEX_* variable, else the
+        default. A malformed variable is a UsageProblem naming it."""
+        env = os.environ if environ is None else environ
+
+        def pick(field: str, flag):
+            if flag is not None:
+                return flag
+            value = env.get(ENVIRONMENT[field], "").strip()
+            return value or None
+
+        home = pick("home", home) or default_home()
+        chosen_precision = pick("precision", precision) or "auto"
+        if chosen_precision not in PRECISIONS:
+            raise UsageProblem(f"precision must be one of {', '.join(PRECISIONS)}, not "
+                               f"{chosen_precision!r}" + _from_env("precision", precision))
+        return cls(
+            home=Path(home).expanduser().resolve(),
+            db_url=pick("db_url", db_url),
+            model=pick("model", model),
+            precision=chosen_precision,
+            workers=_int(pick("workers", workers), "workers", minimum=1),
+            decode_gate=_flag(env.get(ENVIRONMENT["decode_gate"]), "decode_gate", True),
+            decode_nice=_default(_int(env.get(ENVIRONMENT["decode_nice"], "").strip() or None,
+                                      "decode_nice", minimum=0), DECODE_NICE),
+        )
 
     @property
     def database_url(self) -> str:
@@ -38,3 +94,34 @@ class Settings:
     @property
     def index_dir(self) -> Path:
         return self.home / "vectors"
+
+
+def _default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _from_env(field: str, flag: object) -> str:
+    return "" if flag is not None else f" (from {ENVIRONMENT[field]})"
+
+
+def _int(value: object, field: str, *, minimum: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        number = minimum - 1
+    if number < minimum:
+        raise UsageProblem(f"{ENVIRONMENT[field]} must be an integer >= {minimum}, not "
+                           f"{value!r}")
+    return number
+
+
+def _flag(value: str | None, field: str, default: bool) -> bool:
+    if value is None or not value.strip():
+        return default
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise UsageProblem(f"{ENVIRONMENT[field]} must be 0 or 1, not {value!r}")

@@ -7,11 +7,16 @@ vector index knows whether it is current.
 
 from __future__ import annotations
 
+import os
 import time
+import urllib.parse
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     ForeignKey,
     Index,
     LargeBinary,
@@ -19,26 +24,94 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
-from .errors import ClipdexError, ModelMismatch
+from .errors import LibraryUnavailable, ModelMismatch, NoLibrary
 
 __all__ = [
     "SCHEMA_VERSION",
-    "Base",
-    "CaptionRow",
-    "FailureRow",
-    "ImageRow",
+    "CaptionInfo",
+    "CaptionPairs",
+    "ImageFile",
     "Store",
+    "StoredFailure",
     "vector_from_blob",
 ]
 
 SCHEMA_VERSION = 1
 KINDS = ("image", "caption")
+
+
+# A file name that is not valid UTF-8 reaches Python as a str holding lone surrogates
+# (PEP 383), which no database can store. Such a path is stored as this marker plus its bytes
+# percent-encoded: lossless, and no real (absolute) path starts with the marker.
+_UNDECODABLE = "fsbytes:"
+REASON_CHARS = 1024
+
+
+class FilePath(TypeDecorator):
+    """A file path, stored losslessly whatever bytes its name holds."""
+
+    impl = String(4096)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect) -> str | None:
+        if value is None:
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _UNDECODABLE + urllib.parse.quote_from_bytes(os.fsencode(value), safe="/")
+        return value
+
+    def process_result_value(self, value: str | None, dialect) -> str | None:
+        if value is not None and value.startswith(_UNDECODABLE):
+            return os.fsdecode(urllib.parse.unquote_to_bytes(value[len(_UNDECODABLE):]))
+        return value
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An indexed image's file as the store knows it (what serving it checks against)."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class CaptionInfo:
+    """A caption and the image it is linked to (image_id and path None when unlinked)."""
+
+    id: int
+    text: str
+    image_id: int | None
+    path: str | None
+
+
+@dataclass(frozen=True)
+class CaptionPairs:
+    """Every caption linked to an indexed image, with both vectors (row i is one pair)."""
+
+    caption_ids: np.ndarray
+    image_ids: np.ndarray
+    text_vectors: np.ndarray
+    image_vectors: np.ndarray
+
+
+@dataclass(frozen=True)
+class StoredFailure:
+    path: str
+    reason: str
+    failed_at: float
 
 
 class Base(DeclarativeBase):
@@ -58,9 +131,10 @@ class ImageRow(Base):
     # without AUTOINCREMENT; PostgreSQL sequences never reuse).
     __table_args__ = {"sqlite_autoincrement": True}
     id: Mapped[int] = mapped_column(primary_key=True)
-    path: Mapped[str] = mapped_column(String(4096), unique=True)
-    size: Mapped[int]
-    mtime_ns: Mapped[int]
+    path: Mapped[str] = mapped_column(FilePath, unique=True)
+    # 64-bit: a file's size and its mtime in nanoseconds (~1.7e18) overflow PostgreSQL's integer
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
     width: Mapped[int]
     height: Mapped[int]
@@ -75,19 +149,19 @@ class CaptionRow(Base):
     text: Mapped[str] = mapped_column(String(8192))
     # sha256 of (text, image reference): adding the same file twice adds nothing
     key: Mapped[str] = mapped_column(String(64), unique=True)
-    image_ref: Mapped[str | None] = mapped_column(String(4096), index=True)
+    image_ref: Mapped[str | None] = mapped_column(FilePath, index=True)
     image_id: Mapped[int | None] = mapped_column(
         ForeignKey("images.id", ondelete="SET NULL"), index=True)
-    source: Mapped[str] = mapped_column(String(4096))
+    source: Mapped[str] = mapped_column(FilePath)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class FailureRow(Base):
     __tablename__ = "failures"
-    path: Mapped[str] = mapped_column(String(4096), primary_key=True)
-    size: Mapped[int]
-    mtime_ns: Mapped[int]
-    reason: Mapped[str] = mapped_column(String(1024))
+    path: Mapped[str] = mapped_column(FilePath, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(REASON_CHARS))
     failed_at: Mapped[float]
 
 
@@ -111,14 +185,26 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 class Store:
     """One library's database: rows, vectors, failures, model fingerprint and generations."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        """Open the store at `url`; with `create` (writers) make its tables when missing.
+
+        Readers (`create=False`) write nothing: a missing library is NoLibrary. A URL that
+        cannot be used (malformed, driver missing, server unreachable) is LibraryUnavailable.
+        """
         self.url = url
-        self.engine: Engine = create_engine(url)
+        self.engine: Engine = _engine(url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._check_schema()
+        with _database_errors(url):
+            if create:
+                Base.metadata.create_all(self.engine)
+                if self.engine.dialect.name == "postgresql":
+                    _widen_postgres_columns(self.engine)
+            elif not inspect(self.engine).has_table(MetaRow.__tablename__):
+                self.engine.dispose()
+                raise NoLibrary(f"no library in {_redacted(url)}")
+            self._check_schema(create)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -138,14 +224,15 @@ class Store:
     def set_meta(self, session: Session, key: str, value: str) -> None:
         session.merge(MetaRow(key=key, value=value))
 
-    def _check_schema(self) -> None:
+    def _check_schema(self, create: bool) -> None:
         with self.session() as s, s.begin():
             version = self.get_meta("schema_version", s)
-            if version is None:
+            if version is None and create:
                 self.set_meta(s, "schema_version", str(SCHEMA_VERSION))
-            elif int(version) > SCHEMA_VERSION:
-                raise ClipdexError(
-                    f"this library was written by a newer clipdex (schema {version}); upgrade")
+            elif version is not None and int(version) > SCHEMA_VERSION:
+                raise LibraryUnavailable(
+                    f"this library was written by a newer clipdex (schema {version}; this one "
+                    f"reads up to {SCHEMA_VERSION}): upgrade clipdex")
 
     def model_fingerprint(self) -> tuple[str, int] | None:
         with self.session() as s:
@@ -207,14 +294,177 @@ class Store:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(table)) or 0)
 
+    # --- reads for the query side --------------------------------------------------------
+    def image_paths(self, ids: Iterable[int]) -> dict[int, str]:
+        """id -> path of the given images (unknown ids are absent)."""
+        out: dict[int, str] = {}
+        with self.session() as s:
+            for chunk in _chunks(ids):
+                rows = s.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(chunk)))
+                out.update((r.id, r.path) for r in rows)
+        return out
+
+    def captions(self, ids: Iterable[int]) -> dict[int, CaptionInfo]:
+        """id -> caption with its linked image's id and path (unknown ids are absent)."""
+        out: dict[int, CaptionInfo] = {}
+        with self.session() as s:
+            for chunk in _chunks(ids):
+                rows = s.execute(select(CaptionRow.id, CaptionRow.text, CaptionRow.image_id,
+                                        ImageRow.path)
+                                 .outerjoin(ImageRow, ImageRow.id == CaptionRow.image_id)
+                                 .where(CaptionRow.id.in_(chunk)))
+                out.update((r.id, CaptionInfo(r.id, r.text, r.image_id, r.path)) for r in rows)
+        return out
+
+    def first_captions(self, image_ids: Iterable[int]) -> dict[int, str]:
+        """One caption per image (its first added), for images that have one."""
+        out: dict[int, str] = {}
+        with self.session() as s:
+            for chunk in _chunks(image_ids):
+                first = (select(CaptionRow.image_id, func.min(CaptionRow.id).label("cid"))
+                         .where(CaptionRow.image_id.in_(chunk)).group_by(CaptionRow.image_id)
+                         .subquery())
+                rows = s.execute(select(first.c.image_id, CaptionRow.text)
+                                 .join(CaptionRow, CaptionRow.id == first.c.cid))
+                out.update((r.image_id, r.text) for r in rows)
+        return out
+
+    def ids_with_hash(self, content_hash: str) -> set[int]:
+        """Ids of the indexed images whose bytes hash to `content_hash` (copies of a file)."""
+        with self.session() as s:
+            return set(s.scalars(select(ImageRow.id)
+                                 .where(ImageRow.content_hash == content_hash)))
+
+    def image_file(self, image_id: int) -> ImageFile | None:
+        with self.session() as s:
+            row = s.execute(select(ImageRow.path, ImageRow.size, ImageRow.mtime_ns)
+                            .where(ImageRow.id == image_id)).first()
+        return ImageFile(image_id, row.path, row.size, row.mtime_ns) if row else None
+
+    def caption_pairs(self) -> CaptionPairs:
+        """Every caption linked to an indexed image, with both vectors, in caption id order."""
+        statement = (select(CaptionRow.id, CaptionRow.image_id, CaptionRow.vector,
+                            ImageRow.vector.label("image_vector"))
+                     .join(ImageRow, ImageRow.id == CaptionRow.image_id)
+                     .order_by(CaptionRow.id))
+        with self.session() as s:
+            rows = s.execute(statement).all()
+        if not rows:
+            empty = np.empty((0, 0), np.float32)
+            return CaptionPairs(np.empty(0, np.int64), np.empty(0, np.int64), empty, empty)
+        return CaptionPairs(np.array([r.id for r in rows], np.int64),
+                            np.array([r.image_id for r in rows], np.int64),
+                            np.stack([vector_from_blob(r.vector) for r in rows]),
+                            np.stack([vector_from_blob(r.image_vector) for r in rows]))
+
+    def failures(self) -> list[StoredFailure]:
+        with self.session() as s:
+            rows = s.scalars(select(FailureRow).order_by(FailureRow.path)).all()
+        return [StoredFailure(r.path, r.reason, r.failed_at) for r in rows]
+
+    # --- captions ↔ images ------------------------------------------------------------------
     def link_captions(self, session: Session) -> int:
-        """Link captions whose image reference now matches an indexed image's path."""
+        """Link unlinked captions to images now indexed: by path, else by a unique file name.
+
+        Returns how many were linked.
+        """
         matched = select(ImageRow.id).where(ImageRow.path == CaptionRow.image_ref).scalar_subquery()
-        result = session.execute(
+        linked = int(session.execute(
             update(CaptionRow).where(CaptionRow.image_id.is_(None),
                                      CaptionRow.image_ref.in_(select(ImageRow.path)))
-            .values(image_id=matched).execution_options(synchronize_session=False))
-        return int(result.rowcount or 0)
+            .values(image_id=matched).execution_options(synchronize_session=False)
+        ).rowcount or 0)
+        pending = session.execute(select(CaptionRow.id, CaptionRow.image_ref).where(
+            CaptionRow.image_id.is_(None), CaptionRow.image_ref.is_not(None))).all()
+        if not pending:
+            return linked
+        by_name = self._images_by_name(session, {os.path.basename(ref) for _, ref in pending})
+        for caption_id, ref in pending:
+            candidates = by_name.get(os.path.basename(ref), [])
+            if len(candidates) == 1:
+                session.execute(update(CaptionRow).where(CaptionRow.id == caption_id)
+                                .values(image_id=candidates[0]))
+                linked += 1
+        return linked
+
+    @staticmethod
+    def _images_by_name(session: Session, names: set[str]) -> dict[str, list[int]]:
+        """file name -> ids of the indexed images so named, for the names asked about."""
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for image_id, image_path in session.execute(select(ImageRow.id, ImageRow.path)
+                                                    .execution_options(yield_per=10_000)):
+            if os.path.basename(image_path) in names:
+                by_name[os.path.basename(image_path)].append(image_id)
+        return by_name
+
+
+def _chunks(ids: Iterable[int], size: int = 900) -> Iterator[list[int]]:
+    """Lists of at most `size` ids: SQLite's bound-parameter limit."""
+    wanted = sorted({int(i) for i in ids})
+    for start in range(0, len(wanted), size):
+        yield wanted[start:start + size]
+
+
+def _engine(url: str) -> Engine:
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        return create_engine(url)
+    except NoSuchModuleError:
+        raise LibraryUnavailable(f"unknown database kind in {_redacted(url)}: give an "
+                                 f"SQLAlchemy URL such as sqlite:///PATH or "
+                                 f"postgresql+psycopg://USER@HOST/DB") from None
+    except ArgumentError as exc:
+        raise LibraryUnavailable(f"not a database URL: {url!r} ({exc})") from None
+    except ModuleNotFoundError as exc:
+        extra = " (pip install 'clipdex[postgres]')" if "psycopg" in str(exc.name) else ""
+        raise LibraryUnavailable(f"the database driver for {_redacted(url)} is not installed: "
+                                 f"no module {exc.name!r}{extra}") from None
+
+
+class _database_errors:
+    """Turn a database that cannot be reached or opened into one clear LibraryUnavailable."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(exc, OperationalError):
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise LibraryUnavailable(f"cannot open the database {_redacted(self.url)}: "
+                                     f"{reason}") from None
+        return False
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide
+        return repr(url)
+
+
+def _widen_postgres_columns(engine: Engine) -> None:
+    """Libraries made before 64-bit size/mtime columns had 32-bit ones on PostgreSQL."""
+    columns = inspect(engine)
+    with engine.begin() as connection:
+        for table in ("images", "failures"):
+            for column in columns.get_columns(table):
+                if column["name"] in ("size", "mtime_ns") and \
+                        column["type"].__class__.__name__ == "INTEGER":
+                    connection.execute(text(
+                        f"ALTER TABLE {table} ALTER COLUMN {column['name']} TYPE BIGINT"))
+
+
+def failure_reason(reason: str) -> str:
+    """A reason cut to fit its column (a reason may quote a long path or decoder message)."""
+    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
 
 
 def _stack(rows) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,6 @@ rebuilt.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +17,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import faults
+from .atomic import atomic_write, remove_stale_temps
 from .store import Store
 
 if TYPE_CHECKING:
     import faiss
 
-__all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "flat_max_vectors", "index_type_for"]
+__all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "describe_index", "flat_max_vectors",
+           "index_type_for"]
 
 # Measured with bench/index_choice.py (512-d clustered unit vectors, 2 threads, 2026-11-27;
 # bench/results/index_choice.json), p50 of one query:
@@ -108,13 +108,13 @@ class VectorIndex:
         Python API load. A mapped index is copied into memory only if it must be caught up.
         """
         faiss = _faiss()
-        path, generation = cls._newest_file(directory, kind)
+        path, generation = cls.newest_file(directory, kind)
         if path is not None:
             mapped = mmap and not save
             flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
             index = faiss.read_index(str(path), flags)
             _set_search_knobs(index)
-            factory = getattr(index, "clipdex_factory", None) or _describe(index)
+            factory = getattr(index, "clipdex_factory", None) or describe_index(index)
             vi = cls(kind, dim, directory, index, generation, factory,
                      mapped_from=path if mapped else None)
         else:
@@ -122,6 +122,8 @@ class VectorIndex:
         changed = vi.catch_up(store, progress=progress)
         if save and (changed or path is None):
             vi.save()
+        elif changed and vi.generation > generation:
+            vi.save_quietly()  # e.g. after an interrupted `captions add`: catch up once only
         return vi
 
     @classmethod
@@ -131,7 +133,8 @@ class VectorIndex:
                    faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT), -1, factory)
 
     @staticmethod
-    def _newest_file(directory: Path, kind: str) -> tuple[Path | None, int]:
+    def newest_file(directory: Path, kind: str) -> tuple[Path | None, int]:
+        """The newest saved index file of `kind` in `directory`, and its generation."""
         best: tuple[Path | None, int] = (None, -1)
         if directory.is_dir():
             for entry in directory.iterdir():
@@ -170,7 +173,7 @@ class VectorIndex:
         """
         faiss = _faiss()
         for _ in range(3):
-            path, generation = self._newest_file(self.directory, self.kind)
+            path, generation = self.newest_file(self.directory, self.kind)
             if path is None:
                 break
             try:
@@ -179,7 +182,7 @@ class VectorIndex:
                 continue
             _set_search_knobs(index)
             self.index, self.generation, self.mapped_from = index, generation, None
-            self.factory = getattr(index, "clipdex_factory", None) or _describe(index)
+            self.factory = getattr(index, "clipdex_factory", None) or describe_index(index)
             return
         # nothing readable: start empty, and catch_up adds (or rebuilds) from the store
         self.index = VectorIndex.empty(self.kind, self.dim, self.directory, self.factory).index
@@ -225,23 +228,27 @@ class VectorIndex:
 
     # --- saving -----------------------------------------------------------------------------
     def save(self) -> Path:
-        """Write atomically as `<kind>-<generation>.faiss`, then drop older files."""
-        faiss = _faiss()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write atomically as `<kind>-<generation>.faiss`, then drop older generations and
+        the temp files of writers that were killed."""
         final = self.directory / f"{self.kind}-{self.generation}.faiss"
-        tmp = self.directory / f".{final.name}.{os.getpid()}.tmp"
-        faiss.write_index(self.index, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        faults.crash_test_hook("save")
-        os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        atomic_write(final, lambda tmp: _faiss().write_index(self.index, str(tmp)),
+                     crash_point="save")
         for entry in self.directory.iterdir():
             m = _FILE.match(entry.name)
-            stale_tmp = entry.name.startswith(f".{self.kind}-") and entry.name.endswith(".tmp")
-            if (m and m["kind"] == self.kind and entry != final) or stale_tmp:
+            # newer files are another process's (a writer, or a reader that caught up)
+            if m and m["kind"] == self.kind and int(m["gen"]) < self.generation:
                 entry.unlink(missing_ok=True)
+        remove_stale_temps(self.directory, prefix=f"{self.kind}-")
         return final
+
+    def save_quietly(self) -> bool:
+        """Save if the folder is writable: readers may write index files (derived data), so
+        the next reader need not catch up again; a read-only library simply is not helped."""
+        try:
+            self.save()
+        except OSError:
+            return False
+        return True
 
     def describe(self) -> dict:
         return {"type": self.factory, "vectors": self.size, "exact": self.exact,
@@ -275,11 +282,17 @@ def _set_search_knobs(index: "faiss.Index", count: int | None = None) -> None:
         ivf.nprobe = ivf_nprobe(ivf.nlist, count if count is not None else int(index.ntotal))
 
 
-def _describe(index: "faiss.Index") -> str:
+def describe_index(index: "faiss.Index") -> str:
+    """A factory-style name for a loaded index: what it was built as, lossy codes included
+    (a name ending in ",Flat" promises exact scores)."""
     faiss = _faiss()
     if hasattr(index, "id_map"):
-        return "IDMap2,Flat"
-    return f"IVF{faiss.extract_index_ivf(index).nlist},Flat"
+        inner = faiss.downcast_index(index.index)
+        return "IDMap2," + ("Flat" if isinstance(inner, faiss.IndexFlat) else type(inner).__name__)
+    ivf = faiss.extract_index_ivf(index)
+    codes = "Flat" if type(faiss.downcast_index(ivf)) is faiss.IndexIVFFlat else \
+        type(faiss.downcast_index(ivf)).__name__
+    return f"IVF{ivf.nlist},{codes}"
 
 
 def _nlist(count: int) -> int:
@@ -291,11 +304,3 @@ def _training_sample(store: Store, kind: str, count: int) -> np.ndarray:
     rng = np.random.default_rng(0)
     chosen = rng.choice(ids, size=min(len(ids), max(100_000, 40 * _nlist(count))), replace=False)
     return np.concatenate([v for _, v in store.iter_vectors(kind, np.sort(chosen).tolist())])
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -2,25 +2,115 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from index.errors import UsageProblem
+from index.scan import IMAGE_SUFFIXES
 
-__all__ = ["Hit", "Query", "SearchResult", "Term", "parse_weighted", "TARGETS"]
+__all__ = ["TARGETS", "Hit", "ImageBytes", "ImagePath", "IndexedImage", "Query", "RawVector",
+           "SearchResult", "Source", "Term", "TextSource", "parse_weighted", "terms_from"]
 
 TARGETS = ("images", "captions")
 NEGATIVE_WEIGHT = 0.5  # `--not X` subtracts half of X's unit vector unless a weight is given
 _WEIGHT = re.compile(r"^\s*(?P<w>[+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*:(?P<rest>.*)$", re.S)
 
 
+# --- what a term stands for ---------------------------------------------------------------
+@dataclass(frozen=True)
+class TextSource:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePath:
+    """An image file on disk (need not be indexed)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image's encoded bytes (an upload); `decoded` when the caller decoded it already,
+    under its own limits (index.scan.Decoded)."""
+
+    data: bytes = field(repr=False)
+    decoded: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"upload:{hashlib.sha256(self.data).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class IndexedImage:
+    """An image of the library, by id: its stored vector is the term's vector."""
+
+    image_id: int
+
+
+@dataclass(frozen=True)
+class RawVector:
+    """A ready embedding (clip-retrieval's embedding_input); normalised before use."""
+
+    values: tuple[float, ...] = field(repr=False)
+
+
+Source = TextSource | ImagePath | ImageBytes | IndexedImage | RawVector
+
+
 @dataclass(frozen=True)
 class Term:
-    """One part of a query: a text or an image path with a weight (negative subtracts)."""
+    """One part of a query with its weight (negative subtracts).
 
-    kind: str  # "text" | "image"
+    `kind` and `value` are what the echoed query shows ("text" and the text, "image" and the
+    path or a label such as `upload:<hash>` or `library:<id>`, "embedding"); `source` is what
+    the query pipeline encodes. `Term("text", "a dog")` and `Term("image", "x.jpg")` make
+    their source themselves; the constructors below make the others.
+    """
+
+    kind: str  # "text" | "image" | "embedding"
     value: str
     weight: float = 1.0
+    source: Source = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            if self.kind == "text":
+                object.__setattr__(self, "source", TextSource(self.value))
+            elif self.kind == "image":
+                object.__setattr__(self, "source", ImagePath(self.value))
+            else:
+                raise UsageProblem(f"a {self.kind!r} term needs its source")
+
+    @classmethod
+    def text(cls, text: str, weight: float = 1.0) -> "Term":
+        return cls("text", text, weight)
+
+    @classmethod
+    def image_path(cls, path: str, weight: float = 1.0) -> "Term":
+        return cls("image", path, weight)
+
+    @classmethod
+    def image_bytes(cls, data: bytes, weight: float = 1.0, *, decoded: object = None) -> "Term":
+        source = ImageBytes(data, decoded)
+        return cls("image", source.label, weight, source)
+
+    @classmethod
+    def indexed_image(cls, image_id: int, weight: float = 1.0) -> "Term":
+        return cls("image", f"library:{image_id}", weight, IndexedImage(int(image_id)))
+
+    @classmethod
+    def vector(cls, values, weight: float = 1.0) -> "Term":
+        return cls("embedding", "embedding_input", weight,
+                   RawVector(tuple(float(v) for v in values)))
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "value": self.value, "weight": self.weight}
 
 
 def parse_weighted(raw: str, *, default: float = 1.0) -> tuple[float, str]:
@@ -33,6 +123,36 @@ def parse_weighted(raw: str, *, default: float = 1.0) -> tuple[float, str]:
     if m and m["rest"].strip():
         return float(m["w"]), m["rest"].strip()
     return default, raw.strip()
+
+
+def terms_from(texts: Iterable[str] = (), *, images: Iterable[str] = (),
+               uploads: Iterable[bytes | tuple[bytes, object]] = (),
+               image_ids: Iterable[int] = (), negatives: Iterable[str] = (),
+               paths_in_negatives: bool = False) -> tuple[Term, ...]:
+    """Terms from request-style values: texts and negatives may carry a `W:` weight prefix
+    (negatives weigh NEGATIVE_WEIGHT unless they say), image paths too unless the path exists
+    as written; uploads are image bytes, or (bytes, Decoded) when already decoded.
+
+    `paths_in_negatives`: a negative naming an existing image file is an image term (the CLI
+    and Python API); requests from the network never name files, so the server leaves it off.
+    """
+    terms = [Term.text(value, w) for w, value in map(parse_weighted, texts)]
+    for raw in images:
+        w, value = (1.0, raw) if os.path.exists(raw) else parse_weighted(raw)
+        terms.append(Term.image_path(value, w))
+    for upload in uploads:
+        data, decoded = upload if isinstance(upload, tuple) else (upload, None)
+        terms.append(Term.image_bytes(data, decoded=decoded))
+    terms += [Term.indexed_image(image_id) for image_id in image_ids]
+    for raw in negatives:
+        w, value = parse_weighted(raw, default=NEGATIVE_WEIGHT)
+        as_image = paths_in_negatives and _looks_like_image(value)
+        terms.append(Term.image_path(value, -abs(w)) if as_image else Term.text(value, -abs(w)))
+    return tuple(terms)
+
+
+def _looks_like_image(value: str) -> bool:
+    return os.path.isfile(value) and Path(value).suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -63,7 +183,7 @@ class Query:
 
     def as_dict(self) -> dict:
         return {
-            "terms": [asdict(t) for t in self.terms], "target": self.target, "top": self.k,
+            "terms": [t.as_dict() for t in self.terms], "target": self.target, "top": self.k,
             "offset": self.offset, "threshold": self.threshold, "under": self.under,
             "dedup": self.dedup, "expand": self.expand,
         }

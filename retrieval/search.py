@@ -9,22 +9,31 @@ keep full vectors, so their scores are exact already), then filtered
 
 from __future__ import annotations
 
+import io
 import os
 import time
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-from sqlalchemy import select
 
 from index import Library
 from index.embedder import Embedder
-from index.errors import EmptyLibrary, UsageProblem
-from index.scan import DecodeFailure, decode_file
-from index.store import CaptionRow, ImageRow
+from index.errors import EmptyLibrary, NotFound, UsageProblem
+from index.scan import Decoded, DecodeFailure, decode_file, decode_image
 from index.vectors import VectorIndex
 
-from .query import NEGATIVE_WEIGHT, Hit, Query, SearchResult, Term, parse_weighted
+from .query import (
+    Hit,
+    ImageBytes,
+    ImagePath,
+    IndexedImage,
+    Query,
+    RawVector,
+    SearchResult,
+    Term,
+    TextSource,
+    terms_from,
+)
 
 __all__ = ["Searcher", "build_terms"]
 
@@ -32,40 +41,31 @@ DEDUP_COSINE = 0.985  # images closer than this to a better-ranked hit are near-
 KIND_OF_TARGET = {"images": "image", "captions": "caption"}
 
 
-def build_terms(texts: Iterable[str] = (), images: Iterable[str] = (),
-                negatives: Iterable[str] = ()) -> tuple[Term, ...]:
+def build_terms(texts: Sequence[str] = (), images: Sequence[str] = (),
+                negatives: Sequence[str] = ()) -> tuple[Term, ...]:
     """Terms from CLI-style strings, each with an optional `W:` weight prefix."""
-    terms = []
-    for raw in texts:
-        w, value = parse_weighted(raw)
-        terms.append(Term("text", value, w))
-    for raw in images:
-        w, value = parse_weighted(raw) if not os.path.exists(raw) else (1.0, raw)
-        terms.append(Term("image", value, w))
-    for raw in negatives:
-        w, value = parse_weighted(raw, default=NEGATIVE_WEIGHT)
-        terms.append(Term("image" if _looks_like_image(value) else "text", value, -abs(w)))
-    return tuple(terms)
-
-
-def _looks_like_image(value: str) -> bool:
-    return os.path.isfile(value) and Path(value).suffix.lower() in {
-        ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    return terms_from(texts, images=images, negatives=negatives, paths_in_negatives=True)
 
 
 class Searcher:
-    """Answers queries against one library, keeping its vector indexes warm between queries."""
+    """Answers queries against one library, keeping its vector indexes warm between queries.
 
-    def __init__(self, library: Library, *, precision: str = "auto", mmap: bool = False) -> None:
+    Every query, from the CLI, Python or HTTP, goes one way: terms (texts, image files, image
+    bytes, indexed images, raw vectors) → `query_vector` → `search_vector` → hits.
+    """
+
+    def __init__(self, library: Library, *, precision: str | None = None,
+                 mmap: bool = False) -> None:
         self.library = library
-        self.precision = precision
+        self.precision = precision or library.settings.precision
         self.mmap = mmap  # map index files instead of loading them (one-shot queries)
         self._indexes: dict[str, VectorIndex] = {}
 
     @classmethod
     def open(cls, home: str | os.PathLike | None = None, *, db: str | None = None,
-             precision: str = "auto", mmap: bool = False) -> "Searcher":
-        return cls(Library.open(home, db=db), precision=precision, mmap=mmap)
+             precision: str | None = None, mmap: bool = False) -> "Searcher":
+        """Open a library for reading (nothing is created: a missing one is NoLibrary)."""
+        return cls(Library.open(home, db=db, create=False), precision=precision, mmap=mmap)
 
     def close(self) -> None:
         self.library.close()
@@ -127,27 +127,43 @@ class Searcher:
 
     # --- steps ------------------------------------------------------------------------------
     def query_vector(self, terms: Sequence[Term]) -> tuple[np.ndarray, set[int]]:
-        """The unit query vector, and ids of indexed images identical to a query image."""
+        """q = normalise(Σ wᵢ·vᵢ) over the terms, and the ids of indexed images that are a
+        positive query image itself (never returned as its own hit)."""
         embedder = self.embedder
-        total = np.zeros(embedder.dim, np.float32)
+        total = np.zeros(embedder.dim, np.float64)  # float32 squares overflow at 1e19
         exclude: set[int] = set()
-        texts = [t for t in terms if t.kind == "text"]
+        texts = [t for t in terms if isinstance(t.source, TextSource)]
         if texts:
-            vectors = embedder.encode_texts([t.value for t in texts])
-            total += (np.array([t.weight for t in texts], np.float32)[:, None] * vectors).sum(0)
-        for term in (t for t in terms if t.kind == "image"):
-            decoded = _decode_query_image(term.value, embedder.image_size)
-            total += term.weight * embedder.encode_images([decoded.image])[0]
+            vectors = embedder.encode_texts([t.source.text for t in texts])
+            total += (np.array([t.weight for t in texts])[:, None] * vectors).sum(0)
+        for term in (t for t in terms if not isinstance(t.source, TextSource)):
+            vector, same = self._source_vector(term.source, embedder)
+            total += term.weight * vector
             if term.weight > 0:
-                exclude |= self._ids_with_hash(decoded.content_hash)
+                exclude |= same
         norm = float(np.linalg.norm(total))
         if norm < 1e-6:
             raise UsageProblem("the query terms cancel out (their weighted sum is zero)")
-        return total / norm, exclude
+        return (total / norm).astype(np.float32), exclude
 
-    def _ids_with_hash(self, content_hash: str) -> set[int]:
-        with self.library.store.session() as s:
-            return set(s.scalars(select(ImageRow.id).where(ImageRow.content_hash == content_hash)))
+    def _source_vector(self, source, embedder: Embedder) -> tuple[np.ndarray, set[int]]:
+        """One non-text term's unit vector, and the indexed images it is a copy of."""
+        store = self.library.store
+        if isinstance(source, IndexedImage):
+            stored = store.vectors_for("image", [source.image_id])
+            if source.image_id not in stored:
+                raise NotFound(f"no image with id {source.image_id} in this library")
+            return stored[source.image_id], {source.image_id}
+        if isinstance(source, RawVector):
+            return _raw_vector(source.values, embedder.dim), set()
+        if isinstance(source, ImagePath):
+            decoded = _decode_query_image(source.path, embedder.image_size)
+        elif isinstance(source, ImageBytes):
+            decoded = source.decoded or _decode_query_bytes(source.data, embedder.image_size)
+        else:
+            raise TypeError(f"unknown query source {source!r}")
+        vector = embedder.encode_images([decoded.image])[0]
+        return vector, store.ids_with_hash(decoded.content_hash)
 
     def search_vector(self, vector: np.ndarray, query: Query, *, exclude: set[int] = frozenset(),
                       timings: dict | None = None) -> SearchResult:
@@ -187,18 +203,15 @@ class Searcher:
 
     def _hydrate(self, target: str, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
         id_list = [int(i) for i in ids]
-        with self.library.store.session() as s:
-            if target == "images":
-                rows = {r.id: r for r in s.execute(
-                    select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(id_list)))}
-                return [Hit(i, float(sc), "image", rows[i].path, None, i)
-                        for i, sc in zip(id_list, scores) if i in rows]
-            rows = {r.id: r for r in s.execute(
-                select(CaptionRow.id, CaptionRow.text, CaptionRow.image_id, ImageRow.path)
-                .outerjoin(ImageRow, ImageRow.id == CaptionRow.image_id)
-                .where(CaptionRow.id.in_(id_list)))}
-            return [Hit(i, float(sc), "caption", rows[i].path, rows[i].text, rows[i].image_id)
-                    for i, sc in zip(id_list, scores) if i in rows]
+        store = self.library.store
+        if target == "images":
+            paths = store.image_paths(id_list)
+            return [Hit(i, float(sc), "image", paths[i], None, i)
+                    for i, sc in zip(id_list, scores) if i in paths]
+        captions = store.captions(id_list)
+        return [Hit(i, float(sc), "caption", captions[i].path, captions[i].text,
+                    captions[i].image_id)
+                for i, sc in zip(id_list, scores) if i in captions]
 
     def _filter(self, hits: list[Hit], query: Query, exclude: set[int],
                 vi: VectorIndex) -> list[Hit]:
@@ -232,7 +245,7 @@ class Searcher:
         return kept
 
 
-def _decode_query_image(path: str, image_size: int):
+def _decode_query_image(path: str, image_size: int) -> Decoded:
     if not os.path.exists(path):
         raise UsageProblem(f"query image not found: {path}")
     if os.path.isdir(path):
@@ -241,3 +254,28 @@ def _decode_query_image(path: str, image_size: int):
         return decode_file(path, min_side=2 * image_size)
     except DecodeFailure as exc:
         raise UsageProblem(f"cannot use {path} as a query image: {exc}") from None
+
+
+def _decode_query_bytes(data: bytes, image_size: int) -> Decoded:
+    import hashlib
+
+    if not data:
+        raise UsageProblem("the query image is empty (0 bytes)")
+    try:
+        image, width, height = decode_image(io.BytesIO(data), 2 * image_size)
+    except DecodeFailure as exc:
+        raise UsageProblem(f"cannot use the query image: {exc}") from None
+    return Decoded(hashlib.sha256(data).hexdigest(), width, height, image)
+
+
+def _raw_vector(values: Sequence[float], dim: int) -> np.ndarray:
+    vector = np.asarray(values, np.float64).reshape(-1)
+    if vector.shape[0] != dim:
+        raise UsageProblem(f"the embedding has {vector.shape[0]} values; this library's model "
+                           f"needs {dim}")
+    if not np.all(np.abs(vector) <= np.finfo(np.float32).max):  # also catches NaN, inf
+        raise UsageProblem("the embedding holds values that are not finite float32")
+    norm = float(np.linalg.norm(vector))
+    if norm < 1e-12:
+        raise UsageProblem("the embedding is all zeros")
+    return vector / norm

@@ -2,12 +2,17 @@
 
     /api/search, /api/search/upload    search by text and/or image → `clipdex search --json`
     /api/caption, /api/caption/upload  captions for an uploaded image
-    /api/images/{id}[/thumbnail]       an indexed image by id (never by path)
+    /api/images/{id}[/thumbnail]       an indexed image by id (never by path), only while its
+                                       file is still the regular image file that was indexed
     /api/stats, /api/health
     /knn-service, /indices-list, /metadata   what LAION's ClipClient and clip-front call
     /                                  the web page;  /docs  the OpenAPI docs
 
-Errors are JSON objects `{"error": message}` with a 4xx status; a bug is a JSON 500.
+Errors are JSON objects `{"error": message}` with a 4xx status; a bug is a JSON 500. Every
+GET route answers HEAD. Only requests whose Host names this server are answered (DNS
+rebinding), and a request from a web page (an Origin header) only from this server's own page
+or a `--cors` origin: /knn-service and /metadata take JSON sent as text/plain, which any page
+could otherwise post without a CORS preflight.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index import __version__
@@ -38,7 +45,14 @@ from index.errors import (
 )
 
 from .search import Searcher
-from .server_media import DEFAULT_LIMITS, Limits, NotFound, TooLarge, decode_base64
+from .server_media import (
+    DEFAULT_LIMITS,
+    THUMBNAIL_SIZES,
+    Limits,
+    NotFound,
+    TooLarge,
+    decode_base64,
+)
 from .server_models import (
     MAX_ID,
     MAX_OFFSET,
@@ -55,10 +69,10 @@ from .server_models import (
 )
 from .server_service import INDICES, TARGET_OF_MODALITY, KnnParams, SearchParams, Service
 
-__all__ = ["create_app", "serve"]
+__all__ = ["LOOPBACK", "create_app", "serve"]
 
 STATIC = Path(__file__).parent / "static"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the Host names always answered
 STATUS_OF = {TooLarge: 413, NotFound: 404, EmptyLibrary: 404, ModelMismatch: 409,
              ModelUnavailable: 503, UsageProblem: 400}
 # ids can be reused after a file is removed: revalidate; and never let a browser sniff a type
@@ -148,17 +162,26 @@ def _checked(params: SearchParams) -> SearchParams:
 
 
 # --- images, stats, health ------------------------------------------------------------------
-@api.get("/images/{image_id}", response_class=FileResponse,
+NOT_SERVED = {"description": "no such image, or its file is not the file that was indexed"}
+
+
+@api.get("/images/{image_id}", response_class=StreamingResponse,
          summary="An indexed image's original file",
-         responses={200: {"content": {"image/*": {}}}, 404: {"description": "no such image"}})
-def image_original(image_id: ImageId, service: ServiceDep) -> FileResponse:
-    return FileResponse(service.image_path(image_id), headers=IMAGE_HEADERS)
+         responses={200: {"content": {"image/*": {}}}, 404: NOT_SERVED})
+def image_original(image_id: ImageId, service: ServiceDep) -> StreamingResponse:
+    image = service.open_image(image_id)  # served from this very descriptor: no second open
+    return StreamingResponse(image.chunks(), media_type=image.media_type,
+                             headers={**IMAGE_HEADERS, "Content-Length": str(image.size)},
+                             background=BackgroundTask(image.close))
 
 
 @api.get("/images/{image_id}/thumbnail", summary="An indexed image's JPEG thumbnail",
-         responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no such image"}})
+         responses={200: {"content": {"image/jpeg": {}}}, 404: NOT_SERVED})
 def image_thumbnail(image_id: ImageId, service: ServiceDep,
-                    size: Annotated[int, Query(ge=16, le=1024)] = 256) -> Response:
+                    size: Annotated[int, Query(
+                        ge=16, le=THUMBNAIL_SIZES[-1],
+                        description="at most this many pixels, rounded up to one of "
+                                    + ", ".join(map(str, THUMBNAIL_SIZES)))] = 256) -> Response:
     data = service.thumbnail(image_id, size=size)
     return Response(data, media_type="image/jpeg", headers=IMAGE_HEADERS)
 
@@ -339,14 +362,106 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replayed
 
 
+class HostCheck:
+    """Answer only requests whose Host header names this server; a JSON 400 otherwise.
+
+    A page on evil.example whose name is re-pointed at 127.0.0.1 (DNS rebinding) reaches a
+    loopback server as same-origin, but its requests still say `Host: evil.example`.
+    Starlette's TrustedHostMiddleware answers in plain text and cuts "[::1]:8765" at its
+    first colon, hence this one.
+    """
+
+    def __init__(self, app: Any, allowed_hosts: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(_host_name(h) for h in allowed_hosts) - {""}
+        self.names = ", ".join(allowed_hosts)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or _host_name(_header(scope, b"host")) in self.allowed:
+            return await self.app(scope, receive, send)
+        host = _header(scope, b"host")[:100]
+        response = _error(400, f"this server does not answer to Host {host!r}, only to "
+                               f"{self.names}; start it with --allow-host NAME to add a name")
+        await response(scope, receive, send)
+
+
+class OriginCheck:
+    """Refuse (JSON 403) what a web page of another origin asks, unless it is a --cors origin.
+
+    /knn-service and /metadata read JSON whatever its Content-Type (clip-front posts
+    text/plain, ClipClient sends none), so any page could post to them without a CORS
+    preflight. Browsers name the page in Origin on such requests; Python clients and curl
+    send none, and this server's own page sends its own origin.
+    """
+
+    def __init__(self, app: Any, cors_origins: Sequence[str]) -> None:
+        self.app = app
+        self.cors = frozenset(o.strip().rstrip("/").lower() for o in cors_origins)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        origin = _header(scope, b"origin").strip().lower()
+        if scope["type"] != "http" or not origin or self._allowed(origin, scope):
+            return await self.app(scope, receive, send)
+        response = _error(403, f"requests from web pages at {origin[:100]!r} are refused; "
+                               f"start the server with --cors ORIGIN to allow that page")
+        await response(scope, receive, send)
+
+    def _allowed(self, origin: str, scope: dict) -> bool:
+        if "*" in self.cors or origin in self.cors:
+            return True
+        own = _header(scope, b"host").strip().lower()  # already checked by HostCheck
+        try:
+            return bool(own) and urlsplit(origin).netloc == own
+        except ValueError:  # "http://[": not a URL, so not this server's page
+            return False
+
+
+class HeadAsGet:
+    """Answer HEAD as the GET of the same URL would, without the body (routes are GET only)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+def _header(scope: dict, name: bytes) -> str:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _host_name(value: str) -> str:
+    """The name in a Host header or an --allow-host value: no port, no brackets, lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") == 1:  # name:port; more colons: a bare IPv6 address
+        value = value.partition(":")[0]
+    return value.removesuffix(".")
+
+
 def create_app(searcher: Searcher, *, limits: Limits = DEFAULT_LIMITS,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
+               cors_origins: Sequence[str] = (),
+               allowed_hosts: Sequence[str] = LOOPBACK) -> FastAPI:
     """The ASGI app over one library's Searcher.
 
     Args:
         searcher: answers the queries; it catches up with `clipdex index` runs by itself.
-        limits: request size, image pixels and the thumbnail cache.
+        limits: request size, image pixels, concurrent decodes and the thumbnail cache.
         cors_origins: web origins allowed to call the API from a browser (e.g. a clip-front).
+        allowed_hosts: the names (the Host header, port ignored) the server answers to.
     """
     app = FastAPI(title="clipdex", version=__version__,
                   description="CLIP search over a photo library and its captions, plus the "
@@ -363,6 +478,9 @@ def create_app(searcher: Searcher, *, limits: Limits = DEFAULT_LIMITS,
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(OriginCheck, cors_origins=cors_origins)  # the last added runs first
+    app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
+    app.add_middleware(HeadAsGet)
     return app
 
 
@@ -372,20 +490,26 @@ def _index_page() -> FileResponse:
 
 def serve(*, home: str | os.PathLike | None = None, db: str | None = None,
           host: str = "127.0.0.1", port: int = 8765, precision: str = "auto",
-          cors_origins: Sequence[str] = (), echo: Any = print) -> None:
-    """Open the library, load its model, and serve until interrupted."""
+          cors_origins: Sequence[str] = (), allowed_hosts: Sequence[str] = (),
+          echo: Any = print) -> None:
+    """Open the library, load its model, and serve until interrupted.
+
+    The server answers to the loopback names, `host` and `allowed_hosts` (Host header).
+    """
     import uvicorn
 
+    names = list(dict.fromkeys([*LOOPBACK, host, *allowed_hosts]))
     searcher = Searcher.open(home, db=db, precision=precision)
     try:
         _warm(searcher)
         if host not in LOOPBACK:
             echo(f"warning: listening on {host}: anyone who can reach it can search this "
-                 f"library and fetch its images")
+                 f"library and fetch its images; it answers to the names {', '.join(names)} "
+                 f"(add others with --allow-host NAME)")
         echo(f"serving {searcher.library.settings.home} on http://{_netloc(host, port)}/ "
              f"(API docs at /docs)")
-        uvicorn.run(create_app(searcher, cors_origins=cors_origins), host=host, port=port,
-                    log_level="info")
+        app = create_app(searcher, cors_origins=cors_origins, allowed_hosts=names)
+        uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         searcher.close()
 

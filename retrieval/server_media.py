@@ -1,8 +1,11 @@
-"""Images that cross the HTTP boundary: uploaded query images in, thumbnails out.
+"""Images that cross the HTTP boundary: uploaded query images in, indexed files and thumbnails out.
 
-Uploaded bytes are decoded by the same helper the indexer uses (so a query image is seen
-exactly as an indexed one), after a cheap header check of the pixel count. Thumbnails are made
-from files the store names, never from a path in a request.
+Uploaded images are refused from their headers when over the per-image or per-request pixel
+limits, then decoded one or two at a time (`Limits.max_concurrent_decodes`) and reduced to
+about the model's input size as they are decoded, so a request holds at most one full-size
+image at a time. Indexed files are served only when the file opened now is still the regular
+image file that was indexed (`open_indexed`); thumbnails come in a few sizes and their cache
+is bounded in bytes.
 """
 
 from __future__ import annotations
@@ -13,24 +16,43 @@ import hashlib
 import io
 import os
 import re
+import stat
 import threading
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from index.errors import ClipdexError, UsageProblem
-from index.scan import Decoded, DecodeFailure, _decode_bytes
+from index.scan import MAX_PIXELS, Decoded, DecodeFailure, _heif_available, _to_rgb
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "THUMBNAIL_SIZES",
     "Limits",
     "NotFound",
+    "OpenedImage",
     "Thumbnails",
     "TooLarge",
     "decode_base64",
-    "decode_upload",
+    "decode_reduced",
+    "decode_uploads",
+    "open_indexed",
+    "thumbnail_side",
 ]
 
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.I)
+# Requested thumbnail sizes are rounded up to one of these, so a client cannot fill the cache
+# with one entry per size; 128 and 256 fit result grids, 512 and 1024 previews on HiDPI screens.
+THUMBNAIL_SIZES = (128, 256, 512, 1024)
+# EXIF orientation → the transpose that makes the image upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+            6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+# modes Image.reduce averages directly (LA and RGBA it premultiplies itself)
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
+# a camera's multi-picture JPEG is shown as a JPEG; HEIF's type, in case its plugin names none
+_SERVED_AS = {"MPO": "image/jpeg", "HEIF": "image/heif"}
 
 
 class NotFound(ClipdexError):
@@ -43,13 +65,19 @@ class TooLarge(ClipdexError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server; each exceeded limit is a 413 or 422."""
+    """What requests may ask of the server; each exceeded limit is a 413 or 422."""
 
     max_request_bytes: int = 32 * 2**20
     # A 64 MP query image decodes to ~190 MB of RGB: enough for any phone photo, and a
-    # bound on what one request can make the server allocate.
+    # bound on what one decode can make the server allocate.
     max_image_pixels: int = 64_000_000
-    thumbnail_cache_entries: int = 2048
+    # All images of one request together (checked from their headers before any is decoded):
+    # four at the per-image limit. Decoding 256 MP of PNG takes seconds of CPU.
+    max_request_pixels: int = 256_000_000
+    # Decodes in flight across all requests (uploads and thumbnails): each holds one
+    # full-size image until it is reduced, so this times ~190 MB bounds upload decoding.
+    max_concurrent_decodes: int = 2
+    thumbnail_cache_bytes: int = 64 * 2**20
 
 
 DEFAULT_LIMITS = Limits()
@@ -66,24 +94,41 @@ def decode_base64(text: str) -> bytes:
         raise UsageProblem("the image is not valid base64") from None
 
 
-def decode_upload(data: bytes, *, min_side: int, limits: Limits = DEFAULT_LIMITS) -> Decoded:
-    """Decode uploaded bytes like an indexed file; refuse oversized or unreadable images."""
-    if not data:
-        raise UsageProblem("the uploaded image is empty (0 bytes)")
-    _check_pixels(data, limits.max_image_pixels)
+# --- uploads --------------------------------------------------------------------------------
+def decode_uploads(images: Sequence[bytes], *, min_side: int, limits: Limits = DEFAULT_LIMITS,
+                   decodes: threading.Semaphore | None = None) -> list[Decoded]:
+    """Decode one request's uploaded images, reduced to at least `min_side` on each side.
+
+    Every header is checked against the pixel limits before any image is decoded; `decodes`
+    (the server's semaphore) bounds how many decode at once.
+    """
+    total = sum(_pixels(data, limits.max_image_pixels) for data in images)
+    if total > limits.max_request_pixels:
+        raise TooLarge(f"the request's images have {total:,} pixels together; the limit is "
+                       f"{limits.max_request_pixels:,}")
+    decoded = []
+    for data in images:
+        with decodes or threading.Semaphore():
+            decoded.append(_decode_upload(data, min_side, limits.max_image_pixels))
+    return decoded
+
+
+def _decode_upload(data: bytes, min_side: int, max_pixels: int) -> Decoded:
     try:
-        image, width, height = _decode_bytes(data, min_side)
+        image, width, height = decode_reduced(io.BytesIO(data), min_side=min_side,
+                                              max_pixels=max_pixels)
     except DecodeFailure as exc:
         raise UsageProblem(f"cannot use the uploaded image: {exc}") from None
     return Decoded(hashlib.sha256(data).hexdigest(), width, height, image)
 
 
-def _check_pixels(data: bytes, max_pixels: int) -> None:
+def _pixels(data: bytes, max_pixels: int) -> int:
     """Read only the header: a tiny file can declare a gigapixel image (a decompression bomb)."""
-    import warnings
-
     from PIL import Image
 
+    if not data:
+        raise UsageProblem("the uploaded image is empty (0 bytes)")
+    _register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -96,44 +141,205 @@ def _check_pixels(data: bytes, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise TooLarge(f"the image is {width}×{height} = {width * height:,} pixels; "
                        f"the limit is {max_pixels:,}")
+    return width * height
+
+
+def decode_reduced(fp: BinaryIO, *, min_side: int, max_pixels: int = MAX_PIXELS):
+    """(image, width, height): an upright RGB image, reduced as it is decoded.
+
+    As `index.scan`'s decoding (JPEG draft, EXIF orientation, the same RGB conversion), and
+    then reduced by a whole factor while each side stays at least `min_side`: right after the
+    full-size decode, so only one full-size copy ever exists. An image already within twice
+    `min_side` is decoded exactly as the indexer does. Raises DecodeFailure.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    _register_heif()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+        width, height = im.size
+        if width * height > max_pixels:
+            raise DecodeFailure(f"image too large ({width}×{height} pixels; limit "
+                                f"{max_pixels:,})")
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        if im.format == "JPEG":
+            im.draft("RGB", (min_side, min_side))
+        im = _reduced(im, min_side)
+        if orientation in _UPRIGHT:
+            im = im.transpose(getattr(Image.Transpose, _UPRIGHT[orientation]))
+        im = _to_rgb(im)
+    except DecodeFailure:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeFailure("not an image Pillow can read (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeFailure(f"image too large (possible decompression bomb): {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeFailure(f"corrupt or truncated image: {exc}") from None
+    return im, width, height
+
+
+def _reduced(im, min_side: int):
+    factor = min(im.size) // max(min_side, 1)
+    if factor < 2:
+        return im
+    if im.mode not in _REDUCIBLE:  # palette, 1-bit, 16-bit: to RGB first, then reduce
+        im = _to_rgb(im)
+    return im.reduce(factor)
+
+
+def _register_heif() -> None:
+    if not _register_heif.__dict__.get("done"):
+        if _heif_available():
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+        _register_heif.done = True  # type: ignore[attr-defined]
+
+
+# --- indexed files --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpenedImage:
+    """An indexed image file, opened once and checked to still be the file that was indexed.
+
+    Serve and decode from `file`, never by opening the path again: the path may point
+    elsewhere a moment later.
+    """
+
+    file: BinaryIO
+    path: str
+    size: int
+    mtime_ns: int
+    media_type: str
+    width: int
+    height: int
+
+    def chunks(self, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
+        """The file's bytes (the `size` checked, no more), then close it."""
+        try:
+            self.file.seek(0)
+            left = self.size
+            while left > 0 and (data := self.file.read(min(chunk_size, left))):
+                left -= len(data)
+                yield data
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> OpenedImage:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def open_indexed(path: str, *, size: int, mtime_ns: int) -> OpenedImage:
+    """Open an indexed file if it is still the regular image file that was indexed.
+
+    The path may go through symbolic links (the scan follows them), so the rule is checked on
+    the opened descriptor, not the path: a regular file, with the size and mtime the store
+    recorded, whose header Pillow identifies as an image. O_NONBLOCK: a FIFO swapped in
+    cannot hang the open. Raises NotFound otherwise.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        raise NotFound("its file is gone or cannot be read") from None
+    fh = os.fdopen(fd, "rb")
+    try:
+        return _checked(fh, path, size, mtime_ns)
+    except BaseException:
+        fh.close()
+        raise
+
+
+def _checked(fh: BinaryIO, path: str, size: int, mtime_ns: int) -> OpenedImage:
+    from PIL import Image
+
+    st = os.fstat(fh.fileno())
+    changed = NotFound("its file is not the file that was indexed any more (run `clipdex "
+                       "index` to index it again)")
+    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        raise changed
+    _register_heif()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fh) as im:  # the header only; a file object is left open
+                kind, (width, height) = im.format, im.size
+    except Exception:  # Pillow raises many types for what is not an image
+        raise changed from None
+    media_type = _SERVED_AS.get(kind) or Image.MIME.get(kind or "", "")
+    if not media_type.startswith("image/"):
+        raise changed
+    return OpenedImage(fh, path, size, mtime_ns, media_type, width, height)
+
+
+# --- thumbnails -----------------------------------------------------------------------------
+def thumbnail_side(requested: int, *, longest: int | None = None) -> int:
+    """The thumbnail size served for `requested`: the next of THUMBNAIL_SIZES up, and no
+    larger than needed for an image whose longest side is `longest` (never upscaled)."""
+    def up(n: int) -> int:
+        return next((s for s in THUMBNAIL_SIZES if s >= n), THUMBNAIL_SIZES[-1])
+    return min(up(requested), up(longest)) if longest else up(requested)
 
 
 class Thumbnails:
-    """JPEG thumbnails of indexed images, cached in memory (LRU) and keyed by file version."""
+    """JPEG thumbnails of indexed images, cached in memory (LRU, bounded in bytes) and keyed by
+    file version and one of THUMBNAIL_SIZES."""
 
-    def __init__(self, *, max_entries: int = 2048) -> None:
-        self.max_entries = max_entries
+    def __init__(self, *, max_bytes: int = DEFAULT_LIMITS.thumbnail_cache_bytes,
+                 decodes: threading.Semaphore | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.cached_bytes = 0
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
+        self._decodes = decodes or threading.Semaphore(DEFAULT_LIMITS.max_concurrent_decodes)
 
-    def get(self, path: str, *, size: int) -> bytes:
-        """The thumbnail of the file at `path` (a path from the store) at most `size` px."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise NotFound("the image file is no longer there") from None
-        key = (path, st.st_mtime_ns, st.st_size, size)  # a changed file gets a fresh thumbnail
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, image: OpenedImage, *, size: int) -> bytes:
+        """The thumbnail of an opened indexed image, at most thumbnail_side(size) px."""
+        side = thumbnail_side(size, longest=max(image.width, image.height))
+        key = (image.path, image.mtime_ns, image.size, side)  # a changed file: a fresh one
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        data = render_thumbnail(path, size)
-        with self._lock:
-            self._cache[key] = data
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
+        with self._decodes:
+            data = render_thumbnail(image.file, side)
+        self._keep(key, data)
         return data
 
+    def _keep(self, key: tuple, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._cache:  # another request rendered it meanwhile
+                return
+            self._cache[key] = data
+            self.cached_bytes += len(data)
+            while self.cached_bytes > self.max_bytes:
+                self.cached_bytes -= len(self._cache.popitem(last=False)[1])
 
-def render_thumbnail(path: str, size: int) -> bytes:
+
+def render_thumbnail(fp: BinaryIO, side: int) -> bytes:
+    """A JPEG at most `side` px from an opened image file."""
     try:
-        with open(path, "rb") as fh:
-            image, _, _ = _decode_bytes(fh.read(), size)
+        fp.seek(0)
+        image, _, _ = decode_reduced(fp, min_side=side)
     except OSError:
-        raise NotFound("the image file cannot be read any more") from None
+        raise NotFound("its file cannot be read any more") from None
     except DecodeFailure as exc:
-        raise NotFound(f"the image file cannot be decoded any more: {exc}") from None
-    image.thumbnail((size, size))
+        raise NotFound(f"its file cannot be decoded any more: {exc}") from None
+    image.thumbnail((side, side))
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=85)
     return out.getvalue()

@@ -2,9 +2,10 @@
 caption lookup, the clip-retrieval knn service and metadata, thumbnails and stats.
 
 Requests never name files: query images arrive as bytes, indexed images are named by id and
-their paths come from the store. One lock serialises model calls and index catch-up (the
-embedder and the in-memory FAISS indexes are not safe for concurrent use); store reads and
-thumbnails run without it.
+their paths come from the store, and a file is served only while it is still the file that
+was indexed. One lock serialises model calls and index catch-up (the embedder and the
+in-memory FAISS indexes are not safe for concurrent use); store reads and thumbnails run
+without it, and a semaphore bounds the image decodes in flight.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from index.store import CaptionRow, ImageRow
 
 from .query import NEGATIVE_WEIGHT, Query, SearchResult, Term, parse_weighted
 from .search import Searcher
-from .server_media import DEFAULT_LIMITS, Limits, NotFound, Thumbnails, decode_upload
+from .server_media import (
+    DEFAULT_LIMITS,
+    Limits,
+    NotFound,
+    OpenedImage,
+    Thumbnails,
+    decode_uploads,
+    open_indexed,
+)
 
 __all__ = ["INDICES", "KnnParams", "SearchParams", "Service"]
 
@@ -65,14 +74,17 @@ class KnnParams:
 
 @dataclass
 class Service:
-    """The server's state: one Searcher, a lock for the model, a thumbnail cache."""
+    """The server's state: one Searcher, a lock for the model, a decode semaphore, a
+    thumbnail cache."""
 
     searcher: Searcher
     limits: Limits = DEFAULT_LIMITS
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.thumbnails = Thumbnails(max_entries=self.limits.thumbnail_cache_entries)
+        self.decodes = threading.BoundedSemaphore(self.limits.max_concurrent_decodes)
+        self.thumbnails = Thumbnails(max_bytes=self.limits.thumbnail_cache_bytes,
+                                     decodes=self.decodes)
 
     @property
     def store(self):
@@ -82,8 +94,7 @@ class Service:
     def search(self, params: SearchParams) -> SearchResult:
         with self.lock:
             image_size = self.searcher.embedder.image_size
-        uploads = [decode_upload(data, min_side=2 * image_size, limits=self.limits)
-                   for data in params.images]  # decoding needs no lock: it is pure Pillow
+        uploads = self._decoded(params.images, image_size)  # no model lock: pure Pillow
         query = Query(_terms(params, uploads), target=params.target, k=params.top,
                       offset=params.offset, threshold=params.threshold,
                       under=os.path.abspath(params.under) if params.under else None,
@@ -95,6 +106,10 @@ class Service:
 
     def caption(self, image: bytes, *, top: int = 5) -> SearchResult:
         return self.search(SearchParams(images=[image], target="captions", top=top))
+
+    def _decoded(self, images: Sequence[bytes], image_size: int) -> list[Decoded]:
+        return decode_uploads(images, min_side=2 * image_size, limits=self.limits,
+                              decodes=self.decodes)
 
     def _vector(self, terms: Sequence[Term],
                 uploads: dict[str, Decoded]) -> tuple[np.ndarray, set[int]]:
@@ -151,13 +166,13 @@ class Service:
             return Query(result_terms, **options), vector, exclude
         if params.embedding is not None:
             vector = self._embedding(params.embedding)
-            return Query((Term("embedding", "embedding_input"),), **options), vector, set()
+            return Query((Term.vector(vector),), **options), vector, set()
         raise UsageProblem("give one of text, image (base64) or embedding_input")
 
     def _knn_image(self, data: bytes) -> tuple[tuple[Term, ...], np.ndarray, set[int]]:
         with self.lock:
             image_size = self.searcher.embedder.image_size
-        decoded = decode_upload(data, min_side=2 * image_size, limits=self.limits)
+        decoded = self._decoded([data], image_size)[0]
         terms = _upload_terms([decoded])
         with self.lock:
             vector, exclude = self._vector(terms, {terms[0].value: decoded})
@@ -193,18 +208,21 @@ class Service:
             return {r.id: _meta(r.text, r.image_id, r.path, url_for) for r in rows}
 
     # --- images, stats ----------------------------------------------------------------------
-    def image_path(self, image_id: int) -> str:
-        """The indexed file behind an id, if it is still there."""
+    def open_image(self, image_id: int) -> OpenedImage:
+        """The indexed file behind an id, opened, if it is still the file that was indexed."""
         with self.store.session() as s:
-            path = s.scalar(select(ImageRow.path).where(ImageRow.id == image_id))
-        if path is None:
+            row = s.execute(select(ImageRow.path, ImageRow.size, ImageRow.mtime_ns)
+                            .where(ImageRow.id == image_id)).first()
+        if row is None:
             raise NotFound(f"no image with id {image_id} in this library")
-        if not os.path.isfile(path):
-            raise NotFound(f"image {image_id} is indexed but its file is gone")
-        return path
+        try:
+            return open_indexed(row.path, size=row.size, mtime_ns=row.mtime_ns)
+        except NotFound as exc:
+            raise NotFound(f"image {image_id} is indexed but {exc}") from None
 
     def thumbnail(self, image_id: int, *, size: int) -> bytes:
-        return self.thumbnails.get(self.image_path(image_id), size=size)
+        with self.open_image(image_id) as image:
+            return self.thumbnails.get(image, size=size)
 
     def stats(self) -> dict:
         return self.searcher.library.stats()

@@ -54,3 +54,71 @@ def one_model_load():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Embedder, "load", classmethod(load))
         yield
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server (Debian's `postgresql` package) on a Unix socket, for the
+    session; skipped, saying why, where none can be started."""
+    import getpass
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server here (apt-get install postgresql; .ci/run does)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install -e '.[dev]')")
+    data = Path(tempfile.mkdtemp(prefix="clipdex-pg-"))
+    as_user: list[str] = []
+    user = getpass.getuser()
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_user, user = ["runuser", "-u", "postgres", "--"], "postgres"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def pg(tool: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, str(bin_dir / tool), *args], capture_output=True,
+                              text=True, timeout=120)
+
+    init = pg("initdb", "-D", str(data / "db"), "-A", "trust", "-U", user, "-E", "UTF8")
+    if init.returncode:
+        shutil.rmtree(data, ignore_errors=True)
+        pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
+    start = pg("pg_ctl", "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
+               f"-k {data} -p {port} -c listen_addresses='' -c fsync=off", "start")
+    if start.returncode:
+        shutil.rmtree(data, ignore_errors=True)
+        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")
+    try:
+        yield f"postgresql+psycopg://{user}@/{{database}}?host={data}&port={port}"
+    finally:
+        pg("pg_ctl", "-D", str(data / "db"), "-m", "immediate", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_db(postgres_url: str, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the session's server; its SQLAlchemy URL."""
+    import re
+
+    from sqlalchemy import create_engine, text
+
+    name = "t_" + re.sub(r"\W", "_", request.node.name.lower())[:50]
+    admin = create_engine(postgres_url.format(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return postgres_url.format(database=name)

@@ -19,7 +19,6 @@ import cli
 from index import Library, ModelMismatch
 from index.scenes import caption_for, generate, write_scenes
 from retrieval import Searcher
-from retrieval.contrastive import ContrastiveConfig
 from retrieval.expansion import (
     DEFAULT_METHOD,
     ContrastiveMap,
@@ -32,6 +31,7 @@ from retrieval.expansion import (
     reciprocal_rank_fusion,
     training_pairs,
 )
+from retrieval.expansion.contrastive import ContrastiveConfig
 
 SCENES, SEED, QUERY = 160, 5, "a photo of a red circle"
 
@@ -88,7 +88,7 @@ def test_prior_is_saved_with_the_library_and_loads(trained: Path, searcher: Sear
 
 
 def test_prior_round_trips_through_its_tensors(trained: Path, searcher: Searcher) -> None:
-    from retrieval.prior import DiffusionPrior, TrainConfig, train_diffusion_prior
+    from retrieval.expansion.prior import DiffusionPrior, TrainConfig, train_diffusion_prior
 
     pairs = training_pairs(searcher.library)
     prior, stats = train_diffusion_prior(pairs.text_vectors, pairs.image_vectors,
@@ -126,17 +126,45 @@ def test_prior_samples_lean_towards_the_image_side(searcher: Searcher) -> None:
     assert (samples @ image_centre).mean() > (pairs.text_vectors[:40] @ image_centre).mean()
 
 
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
 def test_expansion_changes_the_query_vector_and_the_results(searcher: Searcher) -> None:
+    """Each expanded search equals an exact search with the expanded vector computed here,
+    q = normalise(0.1·t + 0.9·normalise(mean(sᵢ))), and q sits nearer the images than t."""
     expanding = QueryExpansion(searcher)
+    saved = load_expanders(searcher.library)
+    pairs = training_pairs(searcher.library)
+    ids, images = (np.concatenate(part) for part in
+                   zip(*searcher.library.store.iter_vectors("image")))
+    image_centre = _unit_rows(images.mean(0))
+    text = searcher.query_vector([_text(QUERY)])[0]
+    prior = Expansion("prior")
+    image_side = {  # sᵢ for each method, from the saved fits (meanshift from the pairs here)
+        "contrastive": saved.contrastive.map(text[None, :]),
+        "prior": saved.prior.sample(text, samples=prior.k, seed=0, steps=prior.denoise_steps),
+        "meanshift": _unit_rows(text + (pairs.image_vectors.mean(0)
+                                        - pairs.text_vectors.mean(0)))[None, :],
+        "ridge": saved.ridge.map(text[None, :]),
+    }
     plain = searcher.search(QUERY, k=10)
-    for method in ("contrastive", "prior", "meanshift", "ridge"):
+    assert [h.score for h in plain.hits] == pytest.approx(
+        [float(text @ images[ids == h.id][0]) for h in plain.hits], abs=1e-5)
+    for method, samples in image_side.items():
         result = expanding.search(QUERY, k=10, expansion=Expansion(method, weight=0.9))
         assert result.query.expand == method and len(result.hits) == 10
-        assert [h.id for h in result.hits] != [h.id for h in plain.hits], method
-        assert [h.score for h in result.hits] != [h.score for h in plain.hits], method
         assert "expand" in result.timings_ms
+        expanded = _unit_rows(0.1 * text + 0.9 * _unit_rows(samples.mean(0)))
+        assert expanded @ image_centre > text @ image_centre + 0.05, method
+        scores = images @ expanded
+        best = np.argsort(-scores, kind="stable")[:10]
+        assert [h.id for h in result.hits] == ids[best].tolist(), method
+        assert [h.score for h in result.hits] == pytest.approx(scores[best].tolist(), abs=1e-5)
+        assert [h.id for h in result.hits] != [h.id for h in plain.hits], method
     none = expanding.search(QUERY, k=10, expansion=Expansion("prior", weight=0.0))
     assert [h.id for h in none.hits] == [h.id for h in plain.hits]
+    assert [h.score for h in none.hits] == pytest.approx([h.score for h in plain.hits], abs=1e-6)
 
 
 def test_interpolation_and_rank_fusion() -> None:
@@ -332,7 +360,7 @@ def test_pixel_expansion_with_a_saved_pipeline(trained: Path, tmp_path: Path,
     plain = searcher.search(QUERY, k=10).hits
     assert len(hits) == 10 and [h["id"] for h in hits] != [h.id for h in plain]
 
-    from retrieval.pixels import PixelExpander
+    from retrieval.expansion.pixels import PixelExpander
 
     expander = PixelExpander.load(str(generator), searcher.embedder)
     text = searcher.query_vector([_text(QUERY)])[0]

@@ -80,20 +80,52 @@ def test_precisions_agree_with_fp32() -> None:
         assert cosine.min() > 0.98, (precision, "text", cosine.min())
 
 
+INT8_ENGINES = {"x86", "fbgemm", "onednn"}  # the engines dynamic int8 Linear runs on
+
+
+def _has_int8_engine() -> bool:
+    import torch
+
+    return bool(INT8_ENGINES & set(torch.backends.quantized.supported_engines))
+
+
+def _without_int8_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make torch report only qnnpack (as on a build without fbgemm/onednn)."""
+    import torch
+
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines",
+                        property(lambda _: ["qnnpack"]))
+
+
 def test_auto_precision_on_cpu_keeps_int8_only_where_it_matches_fp32(monkeypatch) -> None:
     import index.embedder as embedder_module
 
     auto = Embedder.load("tiny", device="cpu")  # precision="auto"
-    assert auto.precision == "int8"
-    assert set(auto.int8_probe_cosine) == {"image", "text"}
-    assert min(auto.int8_probe_cosine.values()) >= embedder_module.INT8_MIN_COSINE
-    monkeypatch.setattr(embedder_module, "INT8_MIN_COSINE", 1.01)  # nothing can pass
-    strict = Embedder.load("tiny", device="cpu")
-    assert strict.precision == "fp32"
+    if _has_int8_engine():  # the probe runs, and the tiny model's int8 towers pass it
+        assert set(auto.int8_probe_cosine) == {"image", "text"}
+        assert min(auto.int8_probe_cosine.values()) >= embedder_module.INT8_MIN_COSINE
+        assert auto.precision == "int8"
+    else:  # nothing to quantise with: no probe, fp32
+        assert (auto.precision, auto.int8_probe_cosine) == ("fp32", {})
     texts = ["red circle", "three small green stars"]
-    np.testing.assert_allclose(strict.encode_texts(texts),
-                               Embedder.load("tiny", precision="fp32").encode_texts(texts),
-                               atol=1e-6)
+    fp32_texts = Embedder.load("tiny", device="cpu", precision="fp32").encode_texts(texts)
+    with monkeypatch.context() as patched:
+        patched.setattr(embedder_module, "INT8_MIN_COSINE", 1.01)  # nothing can pass
+        strict = Embedder.load("tiny", device="cpu")
+    assert strict.precision == "fp32"
+    if _has_int8_engine():
+        assert set(strict.int8_probe_cosine) == {"image", "text"}  # probed, and refused
+    np.testing.assert_allclose(strict.encode_texts(texts), fp32_texts, atol=1e-6)
+
+
+def test_auto_precision_without_an_int8_engine_is_fp32(monkeypatch) -> None:
+    _without_int8_engines(monkeypatch)
+    assert not _has_int8_engine()
+    auto = Embedder.load("tiny", device="cpu")
+    assert (auto.precision, auto.int8_probe_cosine) == ("fp32", {})
+    texts = ["red circle", "two blue stars"]
+    fp32 = Embedder.load("tiny", device="cpu", precision="fp32")
+    np.testing.assert_allclose(auto.encode_texts(texts), fp32.encode_texts(texts), atol=1e-6)
 
 
 def test_trimmed_text_encoding_equals_open_clips_full_context() -> None:

@@ -290,9 +290,11 @@ def test_cli_json_shapes_and_exit_status(tmp_path: Path) -> None:
     assert stats["index"]["images"]["vectors"] == 4
 
     failures = json.loads(invoke("--home", home, "failures", "--json").stdout)
-    assert failures == {"failures": [{"path": str(src / "broken.jpg"),
-                                      "reason": failures["failures"][0]["reason"]}]}
-    assert "not an image" in failures["failures"][0]["reason"]
+    reason = "not an image Pillow can read (unknown or corrupt format)"
+    assert failures == {"failures": [{"path": str(src / "broken.jpg"), "reason": reason}]}
+    with Library.open(home) as library:  # the JSON is the store's failure row
+        assert [(f.path, f.reason) for f in library.failures()] == \
+            [(str(src / "broken.jpg"), reason)]
 
     (src / "broken.jpg").unlink()
     clean = invoke("--home", home, "index", str(src), "--json")
@@ -384,7 +386,8 @@ def test_pure_caption_corpus_and_adding_twice(tmp_path: Path) -> None:
     first = invoke("--home", home, "captions", "add", str(corpus), "--model", MODEL, "--json")
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout) | {"seconds": 0} == {
-        "added": 20, "duplicates": 0, "linked": 0, "skipped": 0, "problems": [], "seconds": 0}
+        "added": 20, "duplicates": 0, "linked": 0, "skipped": 0, "problems": [], "seconds": 0,
+            "truncated": 0, "nul_stripped": 0, "max_chars": 4096}
     second = json.loads(invoke("--home", home, "captions", "add", str(corpus), "--json").stdout)
     assert (second["added"], second["duplicates"]) == (0, 20)
 
@@ -465,7 +468,29 @@ def test_modified_image_keeps_its_captions(tmp_path: Path) -> None:
 
 # --- decoders and the model take turns on a CPU ------------------------------------------------
 
+def _parked(thread) -> bool:
+    """Whether `thread` is blocked in a threading wait (a Condition's or an Event's)."""
+    import sys
+    import threading
+
+    frame = sys._current_frames().get(thread.ident)
+    return (frame is not None and frame.f_code.co_filename == threading.__file__
+            and frame.f_code.co_name in ("wait", "wait_for"))
+
+
+def _until(predicate, what: str) -> None:
+    """Poll until `predicate()` holds; fail (not pass) if it never does."""
+    import time
+
+    deadline = time.monotonic() + 20
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.001)
+
+
 def test_turns_model_waits_for_running_decodes_and_holds_new_ones() -> None:
+    """The order is proved, not timed: each claim is checked while the other thread is seen
+    parked in a wait (so a lock that let it through would have logged its start already)."""
     import threading
 
     from index.ingest import _Turns
@@ -479,29 +504,75 @@ def test_turns_model_waits_for_running_decodes_and_holds_new_ones() -> None:
             log.append(f"{name} start")
             if hold is not None:
                 decoding.set()
-                hold.wait(5)
+                assert hold.wait(30)
             log.append(f"{name} end")
 
     def model() -> None:
         with turns.model():
             log.append("model start")
             in_model.set()
-            release_model.wait(5)
+            assert release_model.wait(30)
             log.append("model end")
 
-    first = threading.Thread(target=decode, args=("d1", release_decode))
+    first = threading.Thread(target=decode, args=("d1", release_decode), daemon=True)
     first.start()
-    assert decoding.wait(5)
-    runner = threading.Thread(target=model)
+    assert decoding.wait(30)
+    runner = threading.Thread(target=model, daemon=True)
     runner.start()
-    assert not in_model.wait(0.2)  # a decode is running: the model waits for it
+    _until(lambda: _parked(runner), "the model thread waits")
+    assert log == ["d1 start"]  # a decode is running: the model waits for it
     release_decode.set()
-    assert in_model.wait(5)
-    second = threading.Thread(target=decode, args=("d2",))
+    assert in_model.wait(30)
+    assert log == ["d1 start", "d1 end", "model start"]
+    second = threading.Thread(target=decode, args=("d2",), daemon=True)
     second.start()
-    second.join(0.2)
-    assert second.is_alive()  # no decode starts while the model runs
+    _until(lambda: _parked(second) or len(log) > 3, "the second decode waits or starts")
+    assert log == ["d1 start", "d1 end", "model start"]  # no decode starts while the model runs
     release_model.set()
     for t in (first, runner, second):
-        t.join(5)
+        t.join(30)
+        assert not t.is_alive()
     assert log == ["d1 start", "d1 end", "model start", "model end", "d2 start", "d2 end"]
+
+
+def test_turns_model_stops_waiting_for_a_stale_decode() -> None:
+    """A decode running longer than `stale_after` no longer holds the model back."""
+    import threading
+    import time
+
+    from index.ingest import _Turns
+
+    stale_after = 0.05
+    turns, log, started = _Turns(stale_after=stale_after), [], {}
+    decoding, release_decode, in_model = threading.Event(), threading.Event(), threading.Event()
+
+    def hung_decode() -> None:
+        with turns.decode():
+            started["decode"] = time.monotonic()
+            log.append("decode start")
+            decoding.set()
+            assert release_decode.wait(30)
+            log.append("decode end")
+
+    def model() -> None:
+        with turns.model():
+            started["model"] = time.monotonic()
+            log.append("model start")
+            in_model.set()
+
+    hung = threading.Thread(target=hung_decode, daemon=True)
+    hung.start()
+    assert decoding.wait(30)
+    runner = threading.Thread(target=model, daemon=True)
+    runner.start()
+    try:
+        assert in_model.wait(30), "the model waited for a stale decode"
+        assert log == ["decode start", "model start"]  # the hung decode is still running
+        # ...and the model did wait while the decode was fresh
+        assert started["model"] - started["decode"] >= stale_after
+    finally:
+        release_decode.set()
+    for t in (hung, runner):
+        t.join(30)
+        assert not t.is_alive()
+    assert log == ["decode start", "model start", "decode end"]

@@ -140,19 +140,28 @@ def test_dedup_collapses_copies(tmp_path: Path) -> None:
     photos = tmp_path / "p"
     photos.mkdir()
     rng = random.Random(5)
-    for i in range(6):
-        render(sample_scene(rng), 96).save(photos / f"a{i}.png")
-    shutil.copy(photos / "a0.png", photos / "copy_of_a0.png")
+    drawn = [sample_scene(rng) for _ in range(12)]
+    for i, scene in enumerate(drawn):
+        render(scene, 96).save(photos / f"a{i}.png")
+    original, copy = str(photos / "a0.png"), str(photos / "copy_of_a0.png")
+    shutil.copy(original, copy)
+    # the query is a0's scene drawn at another size: other bytes (a query image is excluded by
+    # its content hash), nearly the same vector, so a0 and its copy are the two best hits
+    query = str(tmp_path / "query.png")
+    render(drawn[0], 90).save(query)
     with Library.open(tmp_path / "h") as lib:
         lib.index([photos], model="tiny")
         searcher = Searcher(lib)
-        query = str(photos / "a0.png")
-        text = "anything"
-        everything = searcher.search(text, k=7).hits
-        deduped = searcher.search(text, k=7, dedup=True).hits
-    paths = {h.path for h in everything}
-    assert {query, str(photos / "copy_of_a0.png")} <= paths
-    assert len(deduped) == 6
+        everything = searcher.search(image=query, k=3).hits
+        deeper = searcher.search(image=query, k=6).hits
+        deduped = searcher.search(image=query, k=3, dedup=True).hits
+    pair = {original, copy}
+    assert len(everything) == 3 and {h.path for h in everything[:2]} == pair
+    assert [h.id for h in everything] == [h.id for h in deeper[:3]]
+    # with dedup one of the two stays and the next distinct images move up into the top 3
+    assert len(deduped) == 3 and deduped[0].path in pair
+    assert not {h.path for h in deduped[1:]} & pair
+    assert [h.id for h in deduped[1:]] == [h.id for h in deeper[2:4]]
 
 
 def _cli(home: Path, *args: str):
@@ -210,6 +219,10 @@ def test_unreadable_query_image(library, tmp_path: Path) -> None:
 
 
 def test_empty_library_and_empty_target(tmp_path: Path) -> None:
+    result = _cli(tmp_path / "missing", "search", "a dog")  # no library there: none is made
+    assert result.exit_code == 1 and "no library at" in result.output
+    assert not (tmp_path / "missing").exists()
+    Library.open(tmp_path / "empty").close()  # a library, with nothing in it yet
     result = _cli(tmp_path / "empty", "search", "a dog")
     assert result.exit_code == 1 and "is empty" in result.output
     photos = tmp_path / "p"

@@ -35,10 +35,11 @@ from index import Library  # noqa: E402
 from index.scenes import write_scenes  # noqa: E402
 from retrieval import Searcher  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
-from retrieval.server_media import Limits  # noqa: E402
+from retrieval.server_media import THUMBNAIL_SIZES, Limits  # noqa: E402
 from retrieval.server_models import MAX_RESULT_IDS, MAX_TERMS, MAX_TOP  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+LOCAL = "http://127.0.0.1"  # the server answers only to its own names (the Host rule)
 HIT_KEYS = {"id", "score", "kind", "path", "text", "image_id"}
 
 
@@ -64,7 +65,7 @@ def searcher(library_dirs: tuple[Path, Path]):
 
 @pytest.fixture(scope="module")
 def client(searcher: Searcher) -> TestClient:
-    return TestClient(create_app(searcher), raise_server_exceptions=False)
+    return TestClient(create_app(searcher), base_url=LOCAL, raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -241,11 +242,12 @@ def test_original_and_thumbnail_by_id(client: TestClient, library_dirs: tuple[Pa
     assert original.status_code == 200 and original.content == scene.read_bytes()
     assert original.headers["content-type"] == "image/png"
     assert original.headers["x-content-type-options"] == "nosniff"
-    for size in (16, 64, 1024):
+    for size in (16, 64, 1024):  # rounded up to one of THUMBNAIL_SIZES
         thumb = client.get(f"/api/images/{image_id}/thumbnail", params={"size": size})
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
         with Image.open(io.BytesIO(thumb.content)) as im:
-            assert im.format == "JPEG" and max(im.size) <= size
+            assert im.format == "JPEG"
+            assert max(im.size) <= next(s for s in THUMBNAIL_SIZES if s >= size)
     again = client.get(f"/api/images/{image_id}/thumbnail", params={"size": 64})
     assert again.content == client.get(f"/api/images/{image_id}/thumbnail?size=64").content
     for size in (0, 15, 1025, "big"):
@@ -455,7 +457,8 @@ def test_image_pixel_limit(client: TestClient) -> None:
 
 
 def test_request_size_limit(searcher: Searcher, library_dirs: tuple[Path, Path]) -> None:
-    small = TestClient(create_app(searcher, limits=Limits(max_request_bytes=4096)))
+    small = TestClient(create_app(searcher, limits=Limits(max_request_bytes=4096)),
+                       base_url=LOCAL)
     big = {"text": "x", "image": _b64(_scene(library_dirs))}  # a ~10 kB scene, as base64
     assert "too large" in _assert_json_error(small.post("/api/search", json=big), 413)
 
@@ -467,9 +470,10 @@ def test_request_size_limit(searcher: Searcher, library_dirs: tuple[Path, Path])
 
 
 def test_empty_library_is_a_clear_404(tmp_path: Path) -> None:
+    Library.open(tmp_path / "empty-home").close()  # a library with nothing indexed yet
     empty = Searcher.open(tmp_path / "empty-home")
     try:
-        client = TestClient(create_app(empty))
+        client = TestClient(create_app(empty), base_url=LOCAL)
         message = _assert_json_error(client.get("/api/search", params={"text": "x"}), 404)
         assert "clipdex index" in message
         assert client.get("/api/health").json()["images"] == 0
@@ -480,9 +484,11 @@ def test_empty_library_is_a_clear_404(tmp_path: Path) -> None:
 
 def test_cors_only_when_asked(searcher: Searcher) -> None:
     origin = {"origin": "http://front.example"}
-    closed = TestClient(create_app(searcher)).get("/indices-list", headers=origin)
-    assert "access-control-allow-origin" not in closed.headers
-    opened = TestClient(create_app(searcher, cors_origins=["http://front.example"]))
+    closed = TestClient(create_app(searcher), base_url=LOCAL).get("/indices-list",
+                                                                  headers=origin)
+    assert closed.status_code == 403 and "access-control-allow-origin" not in closed.headers
+    opened = TestClient(create_app(searcher, cors_origins=["http://front.example"]),
+                        base_url=LOCAL)
     response = opened.get("/indices-list", headers=origin)
     assert response.headers["access-control-allow-origin"] == "http://front.example"
 
@@ -492,7 +498,8 @@ def test_a_bug_is_a_json_500_without_traceback(searcher: Searcher,
     from retrieval.server_service import Service
 
     monkeypatch.setattr(Service, "health", lambda self: 1 / 0)
-    response = TestClient(create_app(searcher), raise_server_exceptions=False).get("/api/health")
+    response = TestClient(create_app(searcher), base_url=LOCAL,
+                          raise_server_exceptions=False).get("/api/health")
     message = _assert_json_error(response, 500)
     assert "ZeroDivisionError" in message
 
@@ -550,7 +557,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
         lib.index([root / "first"], model="tiny")
     port = _free_port()
     env = {**os.environ, "CLIPDEX_HOME": str(root / "home")}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
+                             "--allow-host", "photos.example"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -590,6 +598,25 @@ def test_live_server_answers_on_loopback(live_server) -> None:
         other = socket.gethostbyname(socket.gethostname())
         if not other.startswith("127."):
             assert s.connect_ex((other, port)) != 0
+
+
+def test_live_server_host_rule_and_allow_host(live_server) -> None:
+    """`clipdex serve --allow-host photos.example`: that name and loopback, nothing else."""
+    url, port, _ = live_server
+    body = json.dumps({"text": "a star", "num_images": 2})
+    for host in (f"photos.example:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert LIVE.get(url + "/api/health", headers={"host": host}).status_code == 200
+        knn = LIVE.post(url + "/knn-service", content=body, headers={"host": host}).json()
+        assert knn[0]["url"].startswith(f"http://{host}/api/images/")
+    for host in (f"evil.example:{port}", "photos.example.evil.example"):
+        refused = LIVE.get(url + "/", headers={"host": host})
+        assert "--allow-host" in _assert_json_error(refused, 400)
+    foreign = LIVE.post(url + "/knn-service", content=body,
+                        headers={"origin": "http://evil.example", "content-type": "text/plain"})
+    assert "--cors" in _assert_json_error(foreign, 403)
+    head = LIVE.head(url + "/api/health")
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) > 0
 
 
 @pytest.mark.parametrize("target", [
@@ -662,7 +689,9 @@ OPERATIONS = [("GET", "/api/search"), ("POST", "/api/search"), ("POST", "/api/se
 @pytest.fixture(scope="module")
 def api_schema(searcher: Searcher):
     schemathesis = pytest.importorskip("schemathesis")
-    return schemathesis.openapi.from_asgi("/openapi.json", create_app(searcher))
+    # schemathesis calls an ASGI app as http://testserver: allow that name, not any name
+    return schemathesis.openapi.from_asgi("/openapi.json",
+                                          create_app(searcher, allowed_hosts=["testserver"]))
 
 
 def test_fuzzed_operations_are_all_the_operations(client: TestClient) -> None:

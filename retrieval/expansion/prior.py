@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -335,35 +333,11 @@ def save_prior_files(weights_path: Path, meta_path: Path, tensors: dict[str, tor
     """Write the weights then the JSON, each atomically; the JSON is what marks them ready."""
     from safetensors.torch import save_file
 
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=weights_path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        _fsync(tmp)
-        os.replace(tmp, weights_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    from index.atomic import atomic_write, atomic_write_text
 
-
-def _fsync(path: str) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(weights_path,
+                 lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
 
 
 def config_dict(config: PriorConfig) -> dict:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from index.errors import UsageProblem
+from index.errors import GeneratorUnavailable, MissingExtra, UsageProblem
 
-from .expansion import Expansion, GeneratorUnavailable, MissingExtra
+from .options import Expansion
 
 if TYPE_CHECKING:
     from index.embedder import Embedder

@@ -1,0 +1,56 @@
+"""The store on a real PostgreSQL server: the same library as on SQLite, row for row."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from index.scenes import write_scenes
+
+MODEL = "tiny"
+
+pytestmark = pytest.mark.usefixtures("one_model_load")
+
+
+def run(home: Path, db: str | None, *args: str):
+    options = ["--home", str(home)] + (["--db", db] if db else [])
+    return CliRunner().invoke(cli.main, [*options, *args], catch_exceptions=False)
+
+
+def test_postgres_library_equals_the_sqlite_one(tmp_path: Path, postgres_db: str) -> None:
+    root = tmp_path / "photos"
+    write_scenes(root, 12, seed=3, size=64)
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    os.utime(root / "broken.jpg", ns=(0, 1_700_000_000_123_456_789))  # > 2**31 ns
+    reports = {}
+    for name, db in (("sqlite", None), ("postgres", postgres_db)):
+        home = tmp_path / name
+        result = run(home, db, "index", str(root), "--model", MODEL, "--json")
+        assert result.exit_code == 3, result.output  # broken.jpg is recorded as failed
+        reports[name] = json.loads(result.stdout)
+        added = run(home, db, "captions", "add", str(root / "captions.jsonl"), "--json")
+        assert added.exit_code == 0, added.output
+        assert json.loads(added.stdout)["linked"] == 12
+    for key in ("new", "failed", "removed"):
+        assert reports["postgres"][key] == reports["sqlite"][key]
+    assert reports["postgres"]["new"] == 12
+
+    def hits(name: str, db: str | None, *query: str) -> list[tuple]:
+        result = run(tmp_path / name, db, "search", *query, "--json", "--top", "5")
+        assert result.exit_code == 0, result.output
+        return [(h["path"], h["text"], round(h["score"], 5))
+                for h in json.loads(result.stdout)["hits"]]
+
+    for query in (["a red circle"], ["a blue square", "--target", "captions"]):
+        assert hits("postgres", postgres_db, *query) == hits("sqlite", None, *query)
+    rerun = run(tmp_path / "postgres", postgres_db, "index", str(root), "--json")
+    report = json.loads(rerun.stdout)
+    assert (report["unchanged"], report["new"], report["skipped_failed"]) == (12, 0, 1)
+    failures = run(tmp_path / "postgres", postgres_db, "failures", "--json")
+    assert [f["path"] for f in json.loads(failures.stdout)["failures"]] == \
+        [str(root / "broken.jpg")]
