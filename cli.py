@@ -154,7 +154,7 @@ def scenes(ctx: click.Context, directory: Path, count: int, seed: int, size: int
     """
     from tqdm import tqdm
 
-    from index.scenes import HOLDOUT, write_scenes
+    from index.synthetic.scenes import HOLDOUT, write_scenes
 
     with tqdm(total=count, unit="img", disable=not _progress_enabled(ctx), file=sys.stderr) as bar:
         write_scenes(directory, count, seed=seed, size=size,
@@ -374,7 +374,7 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
     towards the image side of the space first (see `clipdex prior train`).
     """
 
-    from retrieval.expansion import Expansion, QueryExpansion
+    from retrieval.expansion import Expansion
 
     all_texts = ([" ".join(text)] if text else []) + list(texts)
     expansion = Expansion.from_options(expand, samples=expand_samples, weight=expand_weight,
@@ -382,11 +382,9 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
                                        generator=generator, steps=expand_steps)
     searcher = _searcher(ctx, precision)
     try:
-        expanding = QueryExpansion(searcher, notify=lambda m: click.echo(f"warning: {m}",
-                                                                         err=True))
-        result = expanding.search(all_texts, expansion=expansion, image=list(images),
-                                  negatives=negatives, target=target, k=top, offset=offset,
-                                  threshold=threshold, under=under, dedup=dedup)
+        result = searcher.search(all_texts, image=list(images), negatives=negatives,
+                                 target=target, k=top, offset=offset, threshold=threshold,
+                                 under=under, dedup=dedup, expand=expansion)
     finally:
         searcher.close()
     _print_hits(result, as_json=as_json, paths_only=paths_only)
@@ -397,7 +395,8 @@ def _searcher(ctx: click.Context, precision: str | None):
 
     # one query per process: map the index file rather than load it (a 1M×512 index would take
     # ~3 s to load for one ~5 ms search)
-    return Searcher(_library(ctx, create=False, precision=precision), mmap=True)
+    return Searcher(_library(ctx, create=False, precision=precision), mmap=True,
+                    notify=lambda message: click.echo(f"warning: {message}", err=True))
 
 
 @main.command()

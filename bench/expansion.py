@@ -6,9 +6,9 @@ under --workdir (default: in the temp folder) and rebuilt when the tiny model's 
     .venv/bin/python bench/expansion.py --json-out bench/results/expansion.json
 
 What it does:
-  1. generates --scenes captioned scenes (index.scenes.write_scenes) with 1–2 captions per image
-     (every other image gets a second phrasing), indexes them with the tiny model and adds the
-     captions through the real Library API;
+  1. generates --scenes captioned scenes (index.synthetic.scenes.write_scenes) with 1–2
+     captions per image (every other image gets a second phrasing), indexes them with the tiny
+     model and adds the captions through the real Library API;
   2. reads the caption–image pairs from the store (retrieval.expansion.training_pairs) and
      splits them *by image* 80/10/10 (all captions of an image fall on one side);
   3. fits on train: mean-shift, ridge (λ tuned on validation), the contrastive map
@@ -19,8 +19,8 @@ What it does:
   5. tests once: each test caption searches the test images; text→image R@1/5/10 and median
      rank of its own image, with the change in R@1 against no expansion (paired bootstrap over
      test images, 95% CI) and the share of queries whose image ranks worse / better;
-  6. measures the added latency per query through the real read path (QueryExpansion.search
-     against Searcher.search on the whole library, warm, 2 threads, median).
+  6. measures the added latency per query through the real read path (Searcher.search with
+     and without expand=..., on the whole library, warm, 2 threads, median).
 The method with the best validation R@1 is the one `--expand` with no value should default to.
 """
 
@@ -42,8 +42,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from index import Library  # noqa: E402
-from index.embedder import TINY_DIR  # noqa: E402
-from index.scenes import caption_for, generate, write_scenes  # noqa: E402
+from index.clip import TINY_DIR  # noqa: E402
+from index.synthetic.scenes import caption_for, generate, write_scenes  # noqa: E402
 from retrieval.expansion import (  # noqa: E402
     DEFAULT_METHOD,
     DEFAULT_SAMPLES,
@@ -54,7 +54,6 @@ from retrieval.expansion import (  # noqa: E402
     Expansion,
     MeanShift,
     Pairs,
-    QueryExpansion,
     RidgeMap,
     SavedExpanders,
     interpolate,
@@ -247,12 +246,11 @@ def added_latency(home: Path, expanders: SavedExpanders, rows: list[Method], tex
     query, in turn) so that load from other processes falls on all of them alike."""
     from retrieval import Searcher
 
-    searcher = Searcher.open(home)
-    expanding = QueryExpansion(searcher, expanders=expanders)
+    searcher = Searcher.open(home, expanders=expanders)
     specs = {row.name: Expansion(row.method, samples=row.k, weight=row.weight,
                                  fusion=row.fusion, guidance=row.guidance) for row in rows}
     runs = {"none": lambda t: searcher.search(t, k=10)}
-    runs.update({name: (lambda t, s=spec: expanding.search(t, k=10, expansion=s))
+    runs.update({name: (lambda t, s=spec: searcher.search(t, k=10, expand=s))
                  for name, spec in specs.items()})
     times: dict[str, list[float]] = {name: [] for name in runs}
     expand: dict[str, list[float]] = {name: [] for name in runs}

@@ -153,10 +153,10 @@ def load_embedder(spec: str, precision: str):
     """The model at `precision`; seeded, so `ARCH:random` gets the same weights every time."""
     import torch
 
-    from index import Embedder
+    from index import get_embedder
 
     torch.manual_seed(0)
-    return Embedder.load(spec, device="cpu", precision=precision)
+    return get_embedder(spec, device="cpu", precision=precision)
 
 
 def pipeline_tensors(embedder, paths: list[str]):

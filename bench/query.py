@@ -140,9 +140,9 @@ def build_library(home: Path, vectors: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def _tiny_preprocess() -> str:
-    from index import Embedder
+    from index import get_embedder
 
-    return Embedder.load(MODEL, device="cpu").fingerprint()["preprocess"]
+    return get_embedder(MODEL, device="cpu").fingerprint()["preprocess"]
 
 
 def insert_rows(store, vectors: np.ndarray, labels: np.ndarray) -> None:

@@ -1,13 +1,15 @@
 """clipdex's write path: the embedder, scanning, ingestion, the store and the vector indexes."""
 
 from .captions import CaptionReport
-from .embedder import Embedder
+from .embedder import Embedder, get_embedder, register_embedder
 from .errors import (
     CaptionFileError,
     ClipdexError,
     EmptyLibrary,
+    LibraryUnavailable,
     ModelMismatch,
     ModelUnavailable,
+    NoLibrary,
     UsageProblem,
 )
 from .ingest import IngestProgress, IngestReport
@@ -27,9 +29,13 @@ __all__ = [
     "IngestProgress",
     "IngestReport",
     "Library",
+    "LibraryUnavailable",
     "ModelMismatch",
     "ModelUnavailable",
+    "NoLibrary",
     "Settings",
     "UsageProblem",
     "__version__",
+    "get_embedder",
+    "register_embedder",
 ]

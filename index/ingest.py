@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -55,9 +56,9 @@ def _init_decode_thread(nice: int) -> None:
     """Decode threads: one torch thread each (preprocess's tensor ops would otherwise start
     an OpenMP team per decoder), and `nice` lower priority than the model's threads (see
     settings.DECODE_NICE)."""
-    import torch
-
-    torch.set_num_threads(1)  # per calling thread: the model's threads are unaffected
+    torch = sys.modules.get("torch")  # an embedder without torch needs no thread setting
+    if torch is not None:
+        torch.set_num_threads(1)  # per calling thread: the model's threads are unaffected
     if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
         try:  # on Linux a thread id is a valid PRIO_PROCESS target and affects that thread only
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .atomic import remove_stale_temps
 from .captions import MAX_CAPTION_CHARS, CaptionReport, add_captions
-from .embedder import Embedder
+from .embedder import Embedder, get_embedder
 from .errors import EmptyLibrary, LibraryUnavailable, NoLibrary
 from .ingest import IngestProgress, IngestReport, ProgressFn, ingest_images
 from .settings import DEFAULT_MODEL, Settings
@@ -78,7 +78,7 @@ class Library:
             check_model(recorded, spec)
         key = (spec, precision)
         if key not in self._embedders:
-            self._embedders[key] = Embedder.load(spec, precision=precision)
+            self._embedders[key] = get_embedder(spec, precision=precision)
         return self._embedders[key]
 
     def _claim(self, model: str | None, precision: str | None) -> Embedder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import io
 import os
@@ -21,6 +22,7 @@ __all__ = [
     "decode_file",
     "decode_image",
     "hash_file",
+    "register_heif",
     "retried_every_run",
     "scan",
 ]
@@ -60,6 +62,17 @@ def _heif_available() -> bool:
         import pillow_heif  # noqa: F401
     except ImportError:
         return False
+    return True
+
+
+@functools.cache
+def register_heif() -> bool:
+    """Teach Pillow HEIC/HEIF/AVIF when pillow-heif is installed (once); whether it is."""
+    if not _heif_available():
+        return False
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
     return True
 
 
@@ -240,15 +253,19 @@ def _decode_bytes(data: bytes, min_side: int):
 
 
 def decode_image(fh, min_side: int):
-    """(image, width, height) from a binary file object: upright RGB, JPEGs decoded at reduced
-    size (draft) when much larger than `min_side`. Raises DecodeFailure."""
+    """(image, width, height) from a binary file object: upright RGB, reduced as it is
+    decoded but at least `min_side` on each side (when the file is). Raises DecodeFailure.
+
+    A JPEG much larger than `min_side` is decoded at 1/2, 1/4 or 1/8 scale (draft); any image
+    still at least twice `min_side` on its shorter side is then reduced by a whole factor.
+    Indexing, query images and the server's uploads all decode here, so one file makes one
+    model input whoever decodes it. `width` and `height` are the file's own (upright).
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if not decode_image.__dict__.get("heif_registered") and _heif_available():
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()
-        decode_image.heif_registered = True  # type: ignore[attr-defined]
+    # modes Image.reduce averages directly (LA and RGBA it premultiplies itself)
+    reducible = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F")
+    register_heif()
     try:
         im = Image.open(fh)
         width, height = im.size
@@ -258,10 +275,12 @@ def decode_image(fh, min_side: int):
         orientation = im.getexif().get(0x0112, 1)
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        if im.format == "JPEG":
-            # decode at 1/2, 1/4 or 1/8 scale when the photo is much larger than the model input
+        if im.format == "JPEG" and min_side > 0:  # draft divides by the size asked
             im.draft("RGB", (min_side, min_side))
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
+        factor = min(im.size) // min_side if min_side > 0 else 1
+        if factor >= 2:  # right after the full-size decode: the only full-size copy
+            im = (im if im.mode in reducible else _to_rgb(im)).reduce(factor)
         im = _to_rgb(im)
     except DecodeFailure:
         raise

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from index import Library
-from index.scenes import write_scenes
+from index.synthetic.scenes import write_scenes
 
 from .search import Searcher
 

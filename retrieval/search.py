@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from .query import (
     terms_from,
 )
 
+if TYPE_CHECKING:
+    from .expansion import Expanders, Expansion, SavedExpanders
+
 __all__ = ["Searcher", "build_terms"]
 
 DEDUP_COSINE = 0.985  # images closer than this to a better-ranked hit are near-duplicates
@@ -55,17 +59,29 @@ class Searcher:
     """
 
     def __init__(self, library: Library, *, precision: str | None = None,
-                 mmap: bool = False) -> None:
+                 mmap: bool = False, notify: Callable[[str], None] | None = None,
+                 expanders: "SavedExpanders | None" = None) -> None:
+        """Args:
+            library: the library to read (opened with `create=False` by `open`).
+            precision: the query encoder's (default: the library's Settings).
+            mmap: map index files instead of loading them (one-shot queries).
+            notify: receives warnings for the user (e.g. from query expansion).
+            expanders: expansion maps to use instead of those `clipdex prior train` saved.
+        """
         self.library = library
         self.precision = precision or library.settings.precision
-        self.mmap = mmap  # map index files instead of loading them (one-shot queries)
+        self.mmap = mmap
+        self.notify = notify
         self._indexes: dict[str, VectorIndex] = {}
+        self._saved_expanders = expanders
+        self._expanders: "Expanders | None" = None
 
     @classmethod
     def open(cls, home: str | os.PathLike | None = None, *, db: str | None = None,
-             precision: str | None = None, mmap: bool = False) -> "Searcher":
-        """Open a library for reading (nothing is created: a missing one is NoLibrary)."""
-        return cls(Library.open(home, db=db, create=False), precision=precision, mmap=mmap)
+             **options) -> "Searcher":
+        """Open a library for reading (nothing is created: a missing one is NoLibrary);
+        `options` are the constructor's."""
+        return cls(Library.open(home, db=db, create=False), **options)
 
     def close(self) -> None:
         self.library.close()
@@ -92,7 +108,7 @@ class Searcher:
                image: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                negatives: Sequence[str] = (), target: str = "images", k: int = 10,
                offset: int = 0, threshold: float | None = None, under: str | None = None,
-               dedup: bool = False) -> SearchResult:
+               dedup: bool = False, expand: "Expansion | str | None" = None) -> SearchResult:
         """Search with texts and/or images (each may carry a `W:` weight prefix).
 
         Args:
@@ -104,26 +120,42 @@ class Searcher:
             threshold: drop hits scoring below this cosine similarity.
             under: keep only images (or captions linked to images) below this folder.
             dedup: collapse near-identical images (or identical caption texts).
+            expand: move the text query towards the image side first: a method name
+                ("contrastive", "prior", "meanshift", "ridge", "pixels") or an Expansion.
         Returns:
             A SearchResult with the parsed query and the hits, best first.
         """
         texts = [text] if isinstance(text, str) else list(text or [])
         images = [image] if isinstance(image, (str, os.PathLike)) else list(image or [])
         terms = build_terms(texts, [str(p) for p in images], negatives)
+        expansion = _expansion(expand)
         query = Query(terms, target=target, k=k, offset=offset, threshold=threshold,
-                      under=os.path.abspath(under) if under else None, dedup=dedup)
-        return self.run(query)
+                      under=os.path.abspath(under) if under else None, dedup=dedup,
+                      expand=expansion.method if expansion else None)
+        return self.run(query, expansion=expansion)
 
     def caption(self, image: str | os.PathLike, *, k: int = 5) -> SearchResult:
         """The captions closest to an image (which need not be in the library)."""
         return self.search(image=image, target="captions", k=k)
 
-    def run(self, query: Query) -> SearchResult:
+    def run(self, query: Query, *, expansion: "Expansion | None" = None) -> SearchResult:
+        """Answer a parsed query: its vector, expanded when asked, searched in its target."""
+        if expansion is not None:
+            return self.expanders.search(query, expansion)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         vector, exclude = self.query_vector(query.terms)
         timings["encode"] = (time.perf_counter() - t0) * 1000
         return self.search_vector(vector, query, exclude=exclude, timings=timings)
+
+    @property
+    def expanders(self) -> "Expanders":
+        """Query expansion's maps, loaded on the first expanded query (never for plain ones)."""
+        if self._expanders is None:
+            from .expansion.expanders import Expanders
+
+            self._expanders = Expanders(self, notify=self.notify, saved=self._saved_expanders)
+        return self._expanders
 
     # --- steps ------------------------------------------------------------------------------
     def query_vector(self, terms: Sequence[Term]) -> tuple[np.ndarray, set[int]]:
@@ -243,6 +275,14 @@ class Searcher:
             kept.append(hit)
             kept_vectors.append(v)
         return kept
+
+
+def _expansion(expand: "Expansion | str | None") -> "Expansion | None":
+    if expand is None or not isinstance(expand, str):
+        return expand
+    from .expansion.options import Expansion
+
+    return Expansion(expand)
 
 
 def _decode_query_image(path: str, image_size: int) -> Decoded:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.embedder import Embedder  # noqa: E402
-from index.quality import measure_quality  # noqa: E402
+from index.embedder import get_embedder  # noqa: E402
+from index.synthetic.quality import measure_quality  # noqa: E402
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
-    embedder = Embedder.load(args.model, precision=args.precision)
+    embedder = get_embedder(args.model, precision=args.precision)
     report = measure_quality(embedder.encode_images, embedder.encode_texts)
     print(json.dumps({"model": args.model, "precision": embedder.precision,
                       **report.as_dict()}, indent=2))

@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 import open_clip  # noqa: E402
 
-from index.quality import measure_quality  # noqa: E402
-from index.scenes import (  # noqa: E402
+from index.synthetic.quality import measure_quality  # noqa: E402
+from index.synthetic.scenes import (  # noqa: E402
     BACKGROUND_COLOURS,
     BACKGROUND_KINDS,
     COLOURS,

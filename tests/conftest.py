@@ -1,10 +1,12 @@
-"""Shared fixtures: a library home in tmp_path, generated scenes, the shipped tiny model."""
+"""Shared fixtures: a library home in tmp_path, the shipped tiny model, the `test` embedder
+(tests/clipdex_test_embedder.py), a throwaway PostgreSQL server."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import clipdex_test_embedder  # noqa: F401  (registers the `test` embedder)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,18 +34,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_embedder():
-    from index.embedder import Embedder
+    from index.embedder import get_embedder
 
-    return Embedder.load("tiny")
+    return get_embedder("tiny")
 
 
 @pytest.fixture(scope="module")
 def one_model_load():
     """Load each model once per module: every Library and CLI call in it shares the real one."""
-    from index.embedder import Embedder
+    from index.clip import ClipEmbedder
 
     cache: dict = {}
-    original = Embedder.load.__func__
+    original = ClipEmbedder.load.__func__
 
     def load(cls, spec, **options):
         key = (spec, tuple(sorted(options.items())))
@@ -52,7 +54,7 @@ def one_model_load():
         return cache[key]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Embedder, "load", classmethod(load))
+        mp.setattr(ClipEmbedder, "load", classmethod(load))
         yield
 
 
@@ -122,3 +124,24 @@ def postgres_db(postgres_url: str, request: pytest.FixtureRequest) -> str:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     return postgres_url.format(database=name)
+
+
+# test file -> what its skips mean, and how to run it
+SKIP_NOTES = {
+    "test_web.py": "browser test(s) of the web page (needs /usr/bin/chromium): "
+                   "apt-get install chromium",
+    "test_postgres.py": "PostgreSQL store test(s) (needs a PostgreSQL server binary): "
+                        "apt-get install postgresql",
+}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Say plainly which kinds of test did not run for a missing system package, and how to
+    run them (`.ci/run` installs both)."""
+    for name, what in SKIP_NOTES.items():
+        skipped = [r for r in terminalreporter.stats.get("skipped", [])
+                   if name in str(getattr(r, "nodeid", ""))
+                   or name in str(getattr(r, "location", ("",))[0])]
+        if skipped:
+            terminalreporter.write_line(f"NOTE: SKIPPED {len(skipped)} {what}, then make test",
+                                        yellow=True, bold=True)

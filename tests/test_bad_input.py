@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from clipdex_test_embedder import NAME as TEST_MODEL
 from PIL import Image
 from sqlalchemy import select
 
@@ -19,10 +20,10 @@ import cli
 import index.ingest
 from index import Library
 from index.scan import decode_file
-from index.scenes import generate, render
 from index.store import ImageRow
+from index.synthetic.scenes import generate, render
 
-MODEL = "tiny"
+MODEL = TEST_MODEL  # the `test` embedder: these tests look at storage, not meaning
 SPACED, UNICODE = "with space s.jpg", "café ünïcödé 日本.png"
 # bad file -> words its recorded reason must contain
 BAD = {

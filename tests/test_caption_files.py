@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from clipdex_test_embedder import NAME as TEST_MODEL
 from sqlalchemy import select
 
 import cli
@@ -20,7 +21,7 @@ from index.captions import MAX_CAPTION_CHARS, parse_caption_file
 from index.errors import CaptionFileError, UsageProblem
 from index.store import CaptionRow
 
-MODEL = "tiny"
+MODEL = TEST_MODEL  # the `test` embedder: these tests look at storage, not meaning
 DEEP = "[" * 100_000  # past json's recursion limit
 
 pytestmark = pytest.mark.usefixtures("one_model_load")

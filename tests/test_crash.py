@@ -10,7 +10,6 @@ uninterrupted run builds.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,13 +18,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from clipdex_test_embedder import NAME as TEST_MODEL
+from clipdex_test_embedder import SUBPROCESS_ENV
 from sqlalchemy import select
 
 from index import Library, faults
-from index.embedder import TINY_DIR
 from index.ingest import BATCH_SIZE
-from index.scenes import generate, render, write_scenes
 from index.store import ImageRow
+from index.synthetic.scenes import generate, render, write_scenes
 from retrieval import Searcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_model_load")
 def clipdex(*args: str, kill_at: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if k not in ("CLIPDEX_HOME", "CLIPDEX_DB", "CLIPDEX_MODEL")}
-    env.update(CLIPDEX_TEST_KILL_AT=kill_at, HF_HUB_OFFLINE="1")
+    env.update(CLIPDEX_TEST_KILL_AT=kill_at, HF_HUB_OFFLINE="1", **SUBPROCESS_ENV)
     return subprocess.Popen([sys.executable, "-m", "cli", "--quiet", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -90,10 +90,7 @@ def assert_consistent(home: Path) -> None:
 def crashed(tmp_path_factory: pytest.TempPathFactory):
     """One killed run per kill point (in parallel), and the uninterrupted reference library."""
     base = tmp_path_factory.mktemp("crash")
-    # a private copy of the model: the shipped weights may be replaced while this runs
-    model_dir = base / "model"
-    shutil.copytree(TINY_DIR, model_dir)
-    model = f"local-dir:{model_dir}"
+    model = TEST_MODEL  # torch-free: the killed runs start in a fraction of a second
     photos = base / "photos"
     write_scenes(photos, COUNT, seed=11, size=64)
     runs = {point: clipdex("--home", str(base / point.replace(":", "-")), "index", str(photos),
@@ -154,3 +151,23 @@ def test_id_of_a_removed_image_is_never_reused_after_a_crash(crashed) -> None:
     report = index(home, churn, model)
     assert (report.new, report.unchanged, report.removed) == (1, 5, 0)
     assert_consistent(home)  # the fresh image's id maps to its own vector, not the removed one
+
+
+def test_a_killed_run_with_the_real_tiny_model_recovers(tmp_path: Path) -> None:
+    """The same claim end to end on the shipped CLIP (the trials above use the `test`
+    embedder): killed inside the second batch's transaction, then rerun."""
+    photos = tmp_path / "photos"
+    write_scenes(photos, BATCH_SIZE + 10, seed=21, size=64)
+    home, reference = tmp_path / "killed", tmp_path / "reference"
+    proc = clipdex("--home", str(home), "index", str(photos), "--model", "tiny",
+                   kill_at="commit:2")
+    index(reference, photos, "tiny")  # while the killed run works
+    proc.communicate(timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert len(image_rows(home)) == BATCH_SIZE
+    report = index(home, photos, "tiny")
+    assert (report.new, report.unchanged) == (10, BATCH_SIZE)
+    assert_consistent(home)
+    expected = {r.path: (r.id, r.vector) for r in image_rows(reference)}
+    assert {r.path: (r.id, r.vector) for r in image_rows(home)} == expected
+    assert top_hits(home) == top_hits(reference)

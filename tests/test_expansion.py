@@ -17,14 +17,13 @@ from click.testing import CliRunner
 
 import cli
 from index import Library, ModelMismatch
-from index.scenes import caption_for, generate, write_scenes
+from index.synthetic.scenes import caption_for, generate, write_scenes
 from retrieval import Searcher
 from retrieval.expansion import (
     DEFAULT_METHOD,
     ContrastiveMap,
     Expansion,
     MeanShift,
-    QueryExpansion,
     RidgeMap,
     interpolate,
     load_expanders,
@@ -133,7 +132,6 @@ def _unit_rows(vectors: np.ndarray) -> np.ndarray:
 def test_expansion_changes_the_query_vector_and_the_results(searcher: Searcher) -> None:
     """Each expanded search equals an exact search with the expanded vector computed here,
     q = normalise(0.1·t + 0.9·normalise(mean(sᵢ))), and q sits nearer the images than t."""
-    expanding = QueryExpansion(searcher)
     saved = load_expanders(searcher.library)
     pairs = training_pairs(searcher.library)
     ids, images = (np.concatenate(part) for part in
@@ -152,7 +150,7 @@ def test_expansion_changes_the_query_vector_and_the_results(searcher: Searcher) 
     assert [h.score for h in plain.hits] == pytest.approx(
         [float(text @ images[ids == h.id][0]) for h in plain.hits], abs=1e-5)
     for method, samples in image_side.items():
-        result = expanding.search(QUERY, k=10, expansion=Expansion(method, weight=0.9))
+        result = searcher.search(QUERY, k=10, expand=Expansion(method, weight=0.9))
         assert result.query.expand == method and len(result.hits) == 10
         assert "expand" in result.timings_ms
         expanded = _unit_rows(0.1 * text + 0.9 * _unit_rows(samples.mean(0)))
@@ -162,7 +160,7 @@ def test_expansion_changes_the_query_vector_and_the_results(searcher: Searcher) 
         assert [h.id for h in result.hits] == ids[best].tolist(), method
         assert [h.score for h in result.hits] == pytest.approx(scores[best].tolist(), abs=1e-5)
         assert [h.id for h in result.hits] != [h.id for h in plain.hits], method
-    none = expanding.search(QUERY, k=10, expansion=Expansion("prior", weight=0.0))
+    none = searcher.search(QUERY, k=10, expand=Expansion("prior", weight=0.0))
     assert [h.id for h in none.hits] == [h.id for h in plain.hits]
     assert [h.score for h in none.hits] == pytest.approx([h.score for h in plain.hits], abs=1e-6)
 

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from index import scenes
-from index.embedder import Embedder, resolve_spec
+from index.clip import ClipEmbedder, resolve_spec
 from index.errors import ModelUnavailable, UsageProblem
+from index.synthetic import scenes
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "open_clip", "faiss", "PIL", "sqlalchemy", "numpy", "fastapi")
@@ -43,7 +43,7 @@ def test_version_and_help_text() -> None:
     assert "normalise(Σ wᵢ·vᵢ)" in text and "--target" in text
 
 
-def test_embedder_shapes_and_normalisation(tiny_embedder: Embedder) -> None:
+def test_embedder_shapes_and_normalisation(tiny_embedder: ClipEmbedder) -> None:
     images = [scenes.render(s, 96) for s in scenes.generate(5, seed=1)]
     vectors = tiny_embedder.encode_images(images)
     texts = tiny_embedder.encode_texts(["a red circle", "two blue stars", "x"])
@@ -56,7 +56,7 @@ def test_embedder_shapes_and_normalisation(tiny_embedder: Embedder) -> None:
 
 def test_batching_equals_one_by_one() -> None:
     # on the CPU: a GPU's kernels may differ by batch size beyond this tolerance (5e-5 seen)
-    embedder = Embedder.load("tiny", device="cpu", precision="fp32")
+    embedder = ClipEmbedder.load("tiny", device="cpu", precision="fp32")
     images = [scenes.render(s, 80) for s in scenes.generate(7, seed=2)]
     batched = embedder.encode_images(images, batch_size=4)
     single = np.concatenate([embedder.encode_images([im]) for im in images])
@@ -70,10 +70,10 @@ def test_batching_equals_one_by_one() -> None:
 def test_precisions_agree_with_fp32() -> None:
     images = [scenes.render(s, 96) for s in scenes.generate(16, seed=3)]
     texts = [scenes.caption_for(s, i) for i, s in enumerate(scenes.generate(16, seed=3))]
-    fp32 = Embedder.load("tiny", device="cpu", precision="fp32")
+    fp32 = ClipEmbedder.load("tiny", device="cpu", precision="fp32")
     reference, reference_text = fp32.encode_images(images), fp32.encode_texts(texts)
     for precision in ("bf16", "int8"):  # int8 runs on the CPU only
-        other = Embedder.load("tiny", device="cpu", precision=precision)
+        other = ClipEmbedder.load("tiny", device="cpu", precision=precision)
         cosine = (reference * other.encode_images(images)).sum(axis=1)
         assert cosine.min() > 0.98, (precision, cosine.min())
         cosine = (reference_text * other.encode_texts(texts)).sum(axis=1)
@@ -98,20 +98,20 @@ def _without_int8_engines(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_auto_precision_on_cpu_keeps_int8_only_where_it_matches_fp32(monkeypatch) -> None:
-    import index.embedder as embedder_module
+    import index.precision as precision_module
 
-    auto = Embedder.load("tiny", device="cpu")  # precision="auto"
+    auto = ClipEmbedder.load("tiny", device="cpu")  # precision="auto"
     if _has_int8_engine():  # the probe runs, and the tiny model's int8 towers pass it
         assert set(auto.int8_probe_cosine) == {"image", "text"}
-        assert min(auto.int8_probe_cosine.values()) >= embedder_module.INT8_MIN_COSINE
+        assert min(auto.int8_probe_cosine.values()) >= precision_module.INT8_MIN_COSINE
         assert auto.precision == "int8"
     else:  # nothing to quantise with: no probe, fp32
         assert (auto.precision, auto.int8_probe_cosine) == ("fp32", {})
     texts = ["red circle", "three small green stars"]
-    fp32_texts = Embedder.load("tiny", device="cpu", precision="fp32").encode_texts(texts)
+    fp32_texts = ClipEmbedder.load("tiny", device="cpu", precision="fp32").encode_texts(texts)
     with monkeypatch.context() as patched:
-        patched.setattr(embedder_module, "INT8_MIN_COSINE", 1.01)  # nothing can pass
-        strict = Embedder.load("tiny", device="cpu")
+        patched.setattr(precision_module, "INT8_MIN_COSINE", 1.01)  # nothing can pass
+        strict = ClipEmbedder.load("tiny", device="cpu")
     assert strict.precision == "fp32"
     if _has_int8_engine():
         assert set(strict.int8_probe_cosine) == {"image", "text"}  # probed, and refused
@@ -121,10 +121,10 @@ def test_auto_precision_on_cpu_keeps_int8_only_where_it_matches_fp32(monkeypatch
 def test_auto_precision_without_an_int8_engine_is_fp32(monkeypatch) -> None:
     _without_int8_engines(monkeypatch)
     assert not _has_int8_engine()
-    auto = Embedder.load("tiny", device="cpu")
+    auto = ClipEmbedder.load("tiny", device="cpu")
     assert (auto.precision, auto.int8_probe_cosine) == ("fp32", {})
     texts = ["red circle", "two blue stars"]
-    fp32 = Embedder.load("tiny", device="cpu", precision="fp32")
+    fp32 = ClipEmbedder.load("tiny", device="cpu", precision="fp32")
     np.testing.assert_allclose(auto.encode_texts(texts), fp32.encode_texts(texts), atol=1e-6)
 
 
@@ -132,9 +132,9 @@ def test_trimmed_text_encoding_equals_open_clips_full_context() -> None:
     """Texts stop at their end-of-text token; padding after it must not matter."""
     import torch
 
-    from index.embedder import encode_text_trimmed
+    from index.clip import encode_text_trimmed
 
-    embedder = Embedder.load("tiny", device="cpu", precision="fp32")
+    embedder = ClipEmbedder.load("tiny", device="cpu", precision="fp32")
     texts = ["red circle", "wow! a very small green star!", "",  # "!" is token id 0
              " ".join(["a large blue hexagon"] * 20)]  # longer than the context: truncated
     tokens = embedder.tokenizer(texts)
@@ -155,20 +155,20 @@ def test_split_attention_is_exact_and_handles_masks() -> None:
 
     import torch
 
-    from index.embedder import _split_attention
+    from index.precision import split_attention
 
-    model = Embedder.load("tiny", device="cpu", precision="fp32").model
+    model = ClipEmbedder.load("tiny", device="cpu", precision="fp32").model
     split = copy.deepcopy(model)
-    _split_attention(split)
+    split_attention(split)
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in split.modules())
-    tokens = Embedder.load("tiny", device="cpu", precision="fp32").tokenizer(
+    tokens = ClipEmbedder.load("tiny", device="cpu", precision="fp32").tokenizer(
         ["red circle", "two blue stars"])
     with torch.inference_mode():  # the text tower uses a causal float mask
         torch.testing.assert_close(split.encode_text(tokens), model.encode_text(tokens),
                                    atol=1e-5, rtol=1e-4)
         mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
         holder = torch.nn.Sequential(mha)
-        _split_attention(holder)
+        split_attention(holder)
         x = torch.randn(3, 5, 16)
         mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)  # True = masked out
         torch.testing.assert_close(holder[0](x, x, x, need_weights=False, attn_mask=mask)[0],
@@ -184,7 +184,7 @@ def test_tiny_loads_through_open_clip_local_dir() -> None:
 
 def test_failed_download_names_the_offline_model() -> None:
     with pytest.raises(ModelUnavailable) as info:
-        Embedder.load("ViT-B-32:laion2b_s34b_b79k")
+        ClipEmbedder.load("ViT-B-32:laion2b_s34b_b79k")
     assert "--model tiny" in str(info.value) and "could not be downloaded" in str(info.value)
 
 
@@ -203,7 +203,7 @@ def test_bad_model_specs() -> None:
     with pytest.raises(UsageProblem, match="pretrained tag"):
         resolve_spec("ViT-B-32")
     with pytest.raises(UsageProblem, match="precision"):
-        Embedder.load("tiny", precision="fp8")
+        ClipEmbedder.load("tiny", precision="fp8")
 
 
 def test_scenes_are_deterministic(tmp_path: Path) -> None:
@@ -244,7 +244,7 @@ def test_prepare_and_collate_equal_preprocess_bit_for_bit() -> None:
     """Decode threads run the PIL steps; the batch's ToTensor + Normalize run at once."""
     import torch
 
-    embedder = Embedder.load("tiny", device="cpu", precision="fp32")
+    embedder = ClipEmbedder.load("tiny", device="cpu", precision="fp32")
     images = [scenes.render(s, 150) for s in scenes.generate(5, seed=4)]
     images += [images[0].convert("L"), images[1].convert("RGBA"), images[2].convert("P")]
     prepared = [embedder.prepare(im) for im in images]
@@ -254,7 +254,7 @@ def test_prepare_and_collate_equal_preprocess_bit_for_bit() -> None:
     mixed = [prepared[0], embedder.preprocess(images[1]), prepared[2]]  # some fell back
     assert torch.equal(embedder.collate(mixed), expected[:3])
     # a preprocess of another shape falls back to the whole transform, image by image
-    other = Embedder.load("tiny", device="cpu", precision="fp32")
+    other = ClipEmbedder.load("tiny", device="cpu", precision="fp32")
     other.preprocess = lambda im: torch.full((3, 4, 4), float(im.size[0]))
     assert isinstance(other.prepare(images[0]), torch.Tensor)
     assert torch.equal(other.collate([other.prepare(im) for im in images[:2]]),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from clipdex_test_embedder import NAME as TEST_MODEL
+from clipdex_test_embedder import SUBPROCESS_ENV
 from PIL import Image
 
 import cli
@@ -20,9 +22,9 @@ import index.scan
 from index import Library
 from index.captions import add_captions
 from index.scan import DecodeFailure
-from index.scenes import generate, render
+from index.synthetic.scenes import generate, render
 
-MODEL = "tiny"
+MODEL = TEST_MODEL  # the `test` embedder: these tests look at storage, not meaning
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_model_load")
@@ -44,7 +46,7 @@ def index_json(home: Path, root: Path, *options: str):
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """A fresh interpreter (for a hang or a memory peak that must not touch this process)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **SUBPROCESS_ENV}  # the `test` embedder loads there too
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
 
@@ -92,7 +94,7 @@ def test_a_fifo_named_jpg_is_a_failure_not_a_hang(tmp_path: Path) -> None:
     scene(0).save(root / "good.jpg")
     os.mkfifo(root / "pipe.jpg")
     code = (f"import cli, sys; sys.argv = ['clipdex', '--home', {str(home)!r}, 'index', "
-            f"{str(root)!r}, '--model', 'tiny', '--json']; cli.main()")
+            f"{str(root)!r}, '--model', {MODEL!r}, '--json']; cli.main()")
     result = run_python(code, timeout=120)  # before the fix: blocked in open() for ever
     assert result.returncode == 3, result.stderr
     report = json.loads(result.stdout)
@@ -145,10 +147,10 @@ def test_peak_memory_of_indexing_does_not_grow_with_photo_size(tmp_path: Path) -
             "        if line.startswith('VmHWM:'):\n"
             "            return int(line.split()[1]) // 1024\n"
             f"library = Library.open({str(tmp_path / 'home')!r})\n"
-            "embedder = library.embedder('tiny')\n"
+            f"embedder = library.embedder({MODEL!r})\n"
             "embedder.encode_images([__import__('PIL.Image').Image.new('RGB', (64, 64))])\n"
             "before = peak()\n"
-            f"report = library.index([{str(root)!r}], model='tiny', workers=2)\n"
+            f"report = library.index([{str(root)!r}], model={MODEL!r}, workers=2)\n"
             "print(report.new, peak() - before)\n")
     result = run_python(code, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -15,16 +15,17 @@ import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from clipdex_test_embedder import NAME as TEST_MODEL
 from sqlalchemy import select
 
 import cli
 from index import Library, ModelMismatch
 from index.captions import parse_caption_file
 from index.errors import CaptionFileError
-from index.scenes import generate, render, write_scenes
 from index.store import CaptionRow, ImageRow
+from index.synthetic.scenes import generate, render, write_scenes
 
-MODEL = "tiny"
+MODEL = TEST_MODEL  # the `test` embedder: these tests look at storage, not meaning
 REPORT_KEYS = {"new", "changed", "unchanged", "moved", "removed", "failed", "seconds"}
 
 
@@ -255,12 +256,12 @@ def test_model_is_fixed_at_first_use(tmp_path: Path) -> None:
     src = photos(tmp_path / "photos", 2)
     home = tmp_path / "home"
     index(home, src)
-    with Library.open(home) as library, pytest.raises(ModelMismatch, match="tiny"):
+    with Library.open(home) as library, pytest.raises(ModelMismatch, match=MODEL):
         library.index([src], model="ViT-B-32:random")
 
     result = invoke("--home", str(home), "index", str(src), "--model", "ViT-B-32:random")
     line = one_line_error(result)
-    assert "'tiny'" in line and "ViT-B-32:random" in line
+    assert f"'{MODEL}'" in line and "ViT-B-32:random" in line
     captions = invoke("--home", str(home), "captions", "add", str(src / "captions.csv"),
                       "--model", "ViT-B-32:random")
     one_line_error(captions)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import cli
 import index.vectors as vectors_module
 from index import ClipdexError, Library
-from index.scenes import caption_for, generate, render, write_scenes
+from index.synthetic.scenes import caption_for, generate, render, write_scenes
 from retrieval import Searcher, Term
 
 COUNT = 8

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from clipdex_test_embedder import NAME as TEST_MODEL
 
 import cli
-from index.scenes import write_scenes
+from index.synthetic.scenes import write_scenes
 
-MODEL = "tiny"
+MODEL = TEST_MODEL  # the `test` embedder: these tests look at storage, not meaning
 
 pytestmark = pytest.mark.usefixtures("one_model_load")
 

@@ -9,7 +9,7 @@ for the shipped weights (2026-11-27, fp32 and the default int8): precision@10 1.
 from __future__ import annotations
 
 from index.embedder import Embedder
-from index.quality import measure_quality
+from index.synthetic.quality import measure_quality
 
 
 def test_tiny_model_retrieval_quality(tiny_embedder: Embedder) -> None:

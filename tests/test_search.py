@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import cli
 from index import Library
-from index.scenes import Scene, caption_for, render, sample_scene
+from index.synthetic.scenes import Scene, caption_for, render, sample_scene
 from retrieval import Hit, Searcher, parse_weighted
 
 COLOURS = ("red", "blue", "yellow", "white")

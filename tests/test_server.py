@@ -28,15 +28,18 @@ from click.testing import CliRunner
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the server extra is not installed")
+from clipdex_test_embedder import NAME as TEST_MODEL  # noqa: E402
+from clipdex_test_embedder import SUBPROCESS_ENV  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 import cli  # noqa: E402
 from index import Library  # noqa: E402
-from index.scenes import write_scenes  # noqa: E402
+from index.scan import decode_image  # noqa: E402
+from index.synthetic.scenes import write_scenes  # noqa: E402
 from retrieval import Searcher  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
-from retrieval.server_media import THUMBNAIL_SIZES, Limits  # noqa: E402
-from retrieval.server_models import MAX_RESULT_IDS, MAX_TERMS, MAX_TOP  # noqa: E402
+from retrieval.server.media import THUMBNAIL_SIZES, Limits  # noqa: E402
+from retrieval.server.models import MAX_RESULT_IDS, MAX_TERMS, MAX_TOP  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = "http://127.0.0.1"  # the server answers only to its own names (the Host rule)
@@ -232,6 +235,82 @@ def test_uploaded_bytes_embed_like_the_indexed_file(client: TestClient,
         stored = {h["id"]: h["score"] for h in by_id["hits"]}  # 12: room for near-ties
         for hit in by_upload["hits"]:
             assert hit["id"] in stored and abs(hit["score"] - stored[hit["id"]]) < 2e-3
+
+
+RAW_NAME = b"bad_\xff.png"  # a file name that is not UTF-8 (the store keeps it losslessly)
+BIG_SIDE = 1024  # over 4× the tiny model's input: decoding reduces it
+
+
+@pytest.fixture(scope="module")
+def odd_library(tmp_path_factory: pytest.TempPathFactory):
+    """(folder, searcher, client) over a few scenes, one named `bad_\\xff.png`, and a large
+    striped PNG with a copy of the same pixels in other bytes (a text chunk)."""
+    root = tmp_path_factory.mktemp("odd-lib")
+    folder = root / "files"
+    write_scenes(folder, 3, seed=11)
+    first = sorted(folder.glob("*.png"))[0]
+    with open(os.fsencode(folder) + b"/" + RAW_NAME, "wb") as fh:
+        fh.write(first.read_bytes())
+    first.unlink()
+    stripes = (np.arange(BIG_SIDE) // 5 % 2 * 255).astype(np.uint8)  # 5 px: resampling shows
+    big = Image.fromarray(np.broadcast_to(stripes, (BIG_SIDE, BIG_SIDE))).convert("RGB")
+    big.save(folder / "stripes.png")
+    from PIL.PngImagePlugin import PngInfo
+
+    note = PngInfo()
+    note.add_text("Comment", "the same pixels in other bytes")
+    big.save(folder / "stripes_copy.png", pnginfo=note)
+    with Library.open(root / "home") as lib:
+        lib.index([folder], model="tiny")
+    searcher = Searcher.open(root / "home")
+    yield folder, searcher, TestClient(create_app(searcher), base_url=LOCAL,
+                                       raise_server_exceptions=False)
+    searcher.close()
+
+
+def test_file_names_that_are_not_utf8_are_answered(odd_library) -> None:
+    folder, searcher, client = odd_library
+    raw_path = os.fsencode(folder) + b"/" + RAW_NAME
+    response = client.get("/api/search", params={"text": "a shape", "top": 10})
+    assert response.status_code == 200, response.text
+    assert b'bad_\\udcff.png"' in response.content  # escaped: the body is valid UTF-8
+    response.content.decode("utf-8")
+    hit = next(h for h in response.json()["hits"] if os.fsencode(h["path"]) == raw_path)
+    original = client.get(f"/api/images/{hit['id']}")
+    assert original.status_code == 200 and original.content == Path(os.fsdecode(raw_path)) \
+        .read_bytes()
+    assert client.get(f"/api/images/{hit['id']}/thumbnail").status_code == 200
+    knn = client.post("/knn-service", json={"text": "a shape", "num_images": 10,
+                                            "indice_name": "images"})
+    assert knn.status_code == 200, knn.text
+    found = next(r for r in knn.json() if r["id"] == hit["id"])
+    assert os.fsencode(found["image_path"]) == raw_path
+    meta = client.post("/metadata", json={"ids": [hit["id"]], "indice_name": "images"})
+    assert meta.status_code == 200, meta.text
+    assert os.fsencode(meta.json()[0]["metadata"]["image_path"]) == raw_path
+    assert client.get("/api/stats").status_code == 200
+
+
+def test_a_large_png_upload_embeds_like_the_indexed_file(odd_library) -> None:
+    # Decoding reduces a large image (of any format) before the model sees it: an upload must
+    # be reduced exactly as `clipdex index` reduced the same file, or its vector drifts.
+    folder, searcher, client = odd_library
+    assert BIG_SIDE >= 4 * searcher.embedder.image_size
+    with open(folder / "stripes.png", "rb") as fh:
+        image, width, _ = decode_image(fh, 2 * searcher.embedder.image_size)
+    assert width == BIG_SIDE and image.width < BIG_SIDE // 2  # reduced, as indexed
+    by_path = {h["path"]: h["id"] for h in client.get(
+        "/api/search", params={"text": "stripes", "top": 10}).json()["hits"]}
+    ids = [by_path[str(folder / name)] for name in ("stripes.png", "stripes_copy.png")]
+    stored = searcher.library.store.vectors_for("image", ids)
+    assert float(stored[ids[0]] @ stored[ids[1]]) >= 0.99999  # same pixels, same vector
+    upload = ("image", ("stripes.png", (folder / "stripes.png").read_bytes(), "image/png"))
+    response = client.post("/api/search/upload", files=[upload], data={"top": "1"})
+    assert response.status_code == 200, response.text
+    # the upload's own indexed copy (same bytes) is excluded; the same pixels in other bytes
+    # are not, and score as the stored vectors do: the upload's vector is the indexed vector
+    (hit,) = response.json()["hits"]
+    assert hit["id"] == ids[1] and hit["score"] >= 0.9999
 
 
 # --- images by id ---------------------------------------------------------------------------
@@ -495,7 +574,7 @@ def test_cors_only_when_asked(searcher: Searcher) -> None:
 
 def test_a_bug_is_a_json_500_without_traceback(searcher: Searcher,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from retrieval.server_service import Service
+    from retrieval.server.service import Service
 
     monkeypatch.setattr(Service, "health", lambda self: 1 / 0)
     response = TestClient(create_app(searcher), base_url=LOCAL,
@@ -550,13 +629,17 @@ def _raw_get(port: int, target: str) -> tuple[int, bytes]:
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory):
-    """`clipdex serve` in a subprocess over its own small library; yields (url, port, dirs)."""
+    """`clipdex serve` in a subprocess over its own small library; yields (url, port, dirs).
+
+    The library uses the torch-free `test` embedder: these tests are about the process (the
+    loopback bind, the Host rule, raw paths, seeing a concurrent `index`), and the server
+    starts in a second instead of importing torch (the TestClient tests above run on tiny)."""
     root = tmp_path_factory.mktemp("live")
     write_scenes(root / "first", 12, seed=5)
     with Library.open(root / "home") as lib:
-        lib.index([root / "first"], model="tiny")
+        lib.index([root / "first"], model=TEST_MODEL)
     port = _free_port()
-    env = {**os.environ, "CLIPDEX_HOME": str(root / "home")}
+    env = {**os.environ, **SUBPROCESS_ENV, "CLIPDEX_HOME": str(root / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
                              "--allow-host", "photos.example"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -570,7 +653,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen) -> None:
-    # ~5 s on an idle machine (importing torch dominates); minutes on a saturated one
+    # about a second on an idle machine; minutes on a saturated one
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clipdex_test_embedder import DIM as TEST_DIM
+from clipdex_test_embedder import NAME as TEST_MODEL
 from sqlalchemy import delete, insert
 
 from index import vectors
@@ -102,18 +104,18 @@ def test_a_memory_mapped_reader_catches_up_after_changes(tmp_path, small_thresho
     assert not set(found.ravel()) & set(gone)
 
 
-def test_index_run_that_crosses_the_threshold_rebuilds_with_progress(tmp_path, monkeypatch,
-                                                                     tiny_embedder):
-    from index import Library, scenes
+def test_index_run_that_crosses_the_threshold_rebuilds_with_progress(tmp_path, monkeypatch):
+    from index import Library
+    from index.synthetic import scenes
 
-    monkeypatch.setattr(vectors, "FLAT_MAX_COMPONENTS", 10 * tiny_embedder.dim)  # Flat ≤ 10
+    monkeypatch.setattr(vectors, "FLAT_MAX_COMPONENTS", 10 * TEST_DIM)  # Flat ≤ 10
     scenes.write_scenes(tmp_path / "photos", 40, size=64)
     events = []
     with Library.open(tmp_path / "home") as lib:
-        report = lib.index([tmp_path / "photos"], model="tiny", progress=events.append)
+        report = lib.index([tmp_path / "photos"], model=TEST_MODEL, progress=events.append)
         assert report.new == 40 and report.index["images"]["type"].startswith("IVF")
         notes = [e.counts["index"] for e in events if e.phase == "index"]
         assert notes and "training IVF" in notes[0]
         events.clear()
-        lib.index([tmp_path / "photos"], model="tiny", progress=events.append)  # nothing new
+        lib.index([tmp_path / "photos"], model=TEST_MODEL, progress=events.append)  # nothing new
         assert not [e for e in events if e.phase == "index"]  # no second rebuild

@@ -25,7 +25,7 @@ pytest.importorskip("fastapi", reason="the server extra is not installed")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 
 from index import Library  # noqa: E402
-from index.scenes import write_scenes  # noqa: E402
+from index.synthetic.scenes import write_scenes  # noqa: E402
 from retrieval import Searcher  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
 

@@ -29,7 +29,7 @@ saved (training and the files beside the library), expanders (what a Searcher ru
 
 from index.errors import GeneratorUnavailable, MissingExtra, NoTrainingPairs, PriorNotTrained
 
-from .expanders import QueryExpansion
+from .expanders import Expanders
 from .fusion import interpolate, reciprocal_rank_fusion
 from .maps import ContrastiveMap, MeanShift, Pairs, RidgeMap, training_pairs
 from .options import DEFAULT_METHOD, METHODS, Expansion, QueryExpander
@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
     "ContrastiveMap",
+    "Expanders",
     "Expansion",
     "GeneratorUnavailable",
     "MeanShift",
@@ -47,7 +48,6 @@ __all__ = [
     "Pairs",
     "PriorNotTrained",
     "QueryExpander",
-    "QueryExpansion",
     "RidgeMap",
     "SavedExpanders",
     "TrainReport",

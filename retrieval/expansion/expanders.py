@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from index.errors import PriorNotTrained, UsageProblem
 
-from ..query import Hit, Query, SearchResult, Term, terms_from
+from ..query import Hit, Query, SearchResult, Term
 from .fusion import RRF_DEPTH, interpolate, reciprocal_rank_fusion, rrf_weights
 from .maps import MeanShift, PriorExpander, RidgeMap, training_pairs
 from .options import Expansion, QueryExpander
@@ -21,48 +20,31 @@ from .saved import SavedExpanders, load_expanders
 if TYPE_CHECKING:
     from ..search import Searcher
 
-__all__ = ["QueryExpansion"]
+__all__ = ["Expanders"]
 
 
-class QueryExpansion:
-    """Expanded search over a Searcher, keeping the loaded expanders warm between queries.
+class Expanders:
+    """The expanders a Searcher uses for `search(..., expand=...)`, loaded or fitted once and
+    kept warm between queries; `search` runs one expanded query through the Searcher.
 
     Args:
-        searcher: the Searcher to search with (its library's model encodes everything).
+        searcher: whose model encodes, and whose index answers.
         notify: receives warnings for the user (e.g. a generator running on the CPU).
-        expanders: use these instead of the ones `clipdex prior train` saved (benchmarks).
+        saved: use these instead of the ones `clipdex prior train` saved (benchmarks).
     """
 
     def __init__(self, searcher: "Searcher", *, notify: Callable[[str], None] | None = None,
-                 expanders: "SavedExpanders | None" = None) -> None:
+                 saved: "SavedExpanders | None" = None) -> None:
         self.searcher = searcher
         self.notify = notify
         # False: not looked for yet; None: looked for, none saved
-        self._saved: SavedExpanders | None | bool = expanders if expanders else False
+        self._saved: SavedExpanders | None | bool = saved if saved else False
         self._fitted: dict[str, QueryExpander] = {}
         self._generators: dict[str, QueryExpander] = {}
 
-    def search(self, text: str | Sequence[str] | None = None, *,
-               expansion: Expansion | None = None,
-               image: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-               negatives: Sequence[str] = (), target: str = "images", k: int = 10,
-               offset: int = 0, threshold: float | None = None, under: str | None = None,
-               dedup: bool = False) -> SearchResult:
-        """Searcher.search's arguments plus `expansion` (None: a plain search)."""
-        if expansion is None:
-            return self.searcher.search(text, image=image, negatives=negatives, target=target,
-                                        k=k, offset=offset, threshold=threshold, under=under,
-                                        dedup=dedup)
-        texts = [text] if isinstance(text, str) else list(text or [])
-        images = [image] if isinstance(image, (str, os.PathLike)) else list(image or [])
-        terms = terms_from(texts, images=[str(p) for p in images], negatives=negatives,
-                           paths_in_negatives=True)
-        query = Query(terms, target=target, k=k, offset=offset, threshold=threshold,
-                      under=os.path.abspath(under) if under else None, dedup=dedup,
-                      expand=expansion.method)
-        return self.run(query, expansion)
-
-    def run(self, query: Query, expansion: Expansion) -> SearchResult:
+    def search(self, query: Query, expansion: Expansion) -> SearchResult:
+        """The query's vector fused with its image-side samples (interp: one search; rrf:
+        K+1 searches merged by rank)."""
         text_terms = _expandable_terms(query)
         expander = self.expander(expansion)  # before encoding: a missing prior fails fast
         timings: dict[str, float] = {}

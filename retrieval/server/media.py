@@ -1,11 +1,13 @@
-"""Images that cross the HTTP boundary: uploaded query images in, indexed files and thumbnails out.
+"""Images that cross the HTTP boundary: uploaded query images in, indexed files and thumbnails
+out, and the limits on what a request may make the server decode.
 
 Uploaded images are refused from their headers when over the per-image or per-request pixel
-limits, then decoded one or two at a time (`Limits.max_concurrent_decodes`) and reduced to
-about the model's input size as they are decoded, so a request holds at most one full-size
-image at a time. Indexed files are served only when the file opened now is still the regular
-image file that was indexed (`open_indexed`); thumbnails come in a few sizes and their cache
-is bounded in bytes.
+limits, then decoded one or two at a time (`Limits.max_concurrent_decodes`) by the indexer's
+own `index.scan.decode_image`, which reduces them to about the model's input size as they are
+decoded: an upload embeds exactly as the same file indexed, and a request holds at most one
+full-size image at a time. Indexed files are served only when the file opened now is still the
+regular image file that was indexed (`open_indexed`); thumbnails come in a few sizes and their
+cache is bounded in bytes.
 """
 
 from __future__ import annotations
@@ -24,19 +26,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from index.errors import ClipdexError, UsageProblem
-from index.scan import MAX_PIXELS, Decoded, DecodeFailure, _heif_available, _to_rgb
+from index.errors import NotFound, TooLarge, UsageProblem
+from index.scan import Decoded, DecodeFailure, decode_image, register_heif
+from index.store import ImageFile
 
 __all__ = [
     "DEFAULT_LIMITS",
     "THUMBNAIL_SIZES",
     "Limits",
-    "NotFound",
     "OpenedImage",
     "Thumbnails",
-    "TooLarge",
     "decode_base64",
-    "decode_reduced",
     "decode_uploads",
     "open_indexed",
     "thumbnail_side",
@@ -46,21 +46,8 @@ _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.I)
 # Requested thumbnail sizes are rounded up to one of these, so a client cannot fill the cache
 # with one entry per size; 128 and 256 fit result grids, 512 and 1024 previews on HiDPI screens.
 THUMBNAIL_SIZES = (128, 256, 512, 1024)
-# EXIF orientation → the transpose that makes the image upright (as ImageOps.exif_transpose)
-_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
-            6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
-# modes Image.reduce averages directly (LA and RGBA it premultiplies itself)
-_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
 # a camera's multi-picture JPEG is shown as a JPEG; HEIF's type, in case its plugin names none
 _SERVED_AS = {"MPO": "image/jpeg", "HEIF": "image/heif"}
-
-
-class NotFound(ClipdexError):
-    """The thing a request names (an image id, a file behind it) does not exist."""
-
-
-class TooLarge(ClipdexError):
-    """A request, or an image in it, is over one of the server's limits."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +84,12 @@ def decode_base64(text: str) -> bytes:
 # --- uploads --------------------------------------------------------------------------------
 def decode_uploads(images: Sequence[bytes], *, min_side: int, limits: Limits = DEFAULT_LIMITS,
                    decodes: threading.Semaphore | None = None) -> list[Decoded]:
-    """Decode one request's uploaded images, reduced to at least `min_side` on each side.
+    """Decode one request's uploaded images as the indexer decodes files (`decode_image`:
+    reduced, but at least `min_side` on each side).
 
-    Every header is checked against the pixel limits before any image is decoded; `decodes`
-    (the server's semaphore) bounds how many decode at once.
+    Every header is checked against the server's pixel limits, stricter than the indexer's,
+    before any image is decoded; `decodes` (the server's semaphore) bounds how many decode at
+    once.
     """
     total = sum(_pixels(data, limits.max_image_pixels) for data in images)
     if total > limits.max_request_pixels:
@@ -109,14 +98,13 @@ def decode_uploads(images: Sequence[bytes], *, min_side: int, limits: Limits = D
     decoded = []
     for data in images:
         with decodes or threading.Semaphore():
-            decoded.append(_decode_upload(data, min_side, limits.max_image_pixels))
+            decoded.append(_decode_upload(data, min_side))
     return decoded
 
 
-def _decode_upload(data: bytes, min_side: int, max_pixels: int) -> Decoded:
+def _decode_upload(data: bytes, min_side: int) -> Decoded:
     try:
-        image, width, height = decode_reduced(io.BytesIO(data), min_side=min_side,
-                                              max_pixels=max_pixels)
+        image, width, height = decode_image(io.BytesIO(data), min_side)
     except DecodeFailure as exc:
         raise UsageProblem(f"cannot use the uploaded image: {exc}") from None
     return Decoded(hashlib.sha256(data).hexdigest(), width, height, image)
@@ -128,7 +116,7 @@ def _pixels(data: bytes, max_pixels: int) -> int:
 
     if not data:
         raise UsageProblem("the uploaded image is empty (0 bytes)")
-    _register_heif()
+    register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -142,63 +130,6 @@ def _pixels(data: bytes, max_pixels: int) -> int:
         raise TooLarge(f"the image is {width}×{height} = {width * height:,} pixels; "
                        f"the limit is {max_pixels:,}")
     return width * height
-
-
-def decode_reduced(fp: BinaryIO, *, min_side: int, max_pixels: int = MAX_PIXELS):
-    """(image, width, height): an upright RGB image, reduced as it is decoded.
-
-    As `index.scan`'s decoding (JPEG draft, EXIF orientation, the same RGB conversion), and
-    then reduced by a whole factor while each side stays at least `min_side`: right after the
-    full-size decode, so only one full-size copy ever exists. An image already within twice
-    `min_side` is decoded exactly as the indexer does. Raises DecodeFailure.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    _register_heif()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fp)
-        width, height = im.size
-        if width * height > max_pixels:
-            raise DecodeFailure(f"image too large ({width}×{height} pixels; limit "
-                                f"{max_pixels:,})")
-        orientation = im.getexif().get(0x0112, 1)
-        if orientation in (5, 6, 7, 8):
-            width, height = height, width
-        if im.format == "JPEG":
-            im.draft("RGB", (min_side, min_side))
-        im = _reduced(im, min_side)
-        if orientation in _UPRIGHT:
-            im = im.transpose(getattr(Image.Transpose, _UPRIGHT[orientation]))
-        im = _to_rgb(im)
-    except DecodeFailure:
-        raise
-    except UnidentifiedImageError:
-        raise DecodeFailure("not an image Pillow can read (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as exc:
-        raise DecodeFailure(f"image too large (possible decompression bomb): {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DecodeFailure(f"corrupt or truncated image: {exc}") from None
-    return im, width, height
-
-
-def _reduced(im, min_side: int):
-    factor = min(im.size) // max(min_side, 1)
-    if factor < 2:
-        return im
-    if im.mode not in _REDUCIBLE:  # palette, 1-bit, 16-bit: to RGB first, then reduce
-        im = _to_rgb(im)
-    return im.reduce(factor)
-
-
-def _register_heif() -> None:
-    if not _register_heif.__dict__.get("done"):
-        if _heif_available():
-            import pillow_heif
-
-            pillow_heif.register_heif_opener()
-        _register_heif.done = True  # type: ignore[attr-defined]
 
 
 # --- indexed files --------------------------------------------------------------------------
@@ -239,7 +170,7 @@ class OpenedImage:
         self.close()
 
 
-def open_indexed(path: str, *, size: int, mtime_ns: int) -> OpenedImage:
+def open_indexed(indexed: ImageFile) -> OpenedImage:
     """Open an indexed file if it is still the regular image file that was indexed.
 
     The path may go through symbolic links (the scan follows them), so the rule is checked on
@@ -248,26 +179,27 @@ def open_indexed(path: str, *, size: int, mtime_ns: int) -> OpenedImage:
     cannot hang the open. Raises NotFound otherwise.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(indexed.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         raise NotFound("its file is gone or cannot be read") from None
     fh = os.fdopen(fd, "rb")
     try:
-        return _checked(fh, path, size, mtime_ns)
+        return _checked(fh, indexed)
     except BaseException:
         fh.close()
         raise
 
 
-def _checked(fh: BinaryIO, path: str, size: int, mtime_ns: int) -> OpenedImage:
+def _checked(fh: BinaryIO, indexed: ImageFile) -> OpenedImage:
     from PIL import Image
 
     st = os.fstat(fh.fileno())
     changed = NotFound("its file is not the file that was indexed any more (run `clipdex "
                        "index` to index it again)")
-    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (indexed.size,
+                                                                        indexed.mtime_ns):
         raise changed
-    _register_heif()
+    register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -278,7 +210,8 @@ def _checked(fh: BinaryIO, path: str, size: int, mtime_ns: int) -> OpenedImage:
     media_type = _SERVED_AS.get(kind) or Image.MIME.get(kind or "", "")
     if not media_type.startswith("image/"):
         raise changed
-    return OpenedImage(fh, path, size, mtime_ns, media_type, width, height)
+    return OpenedImage(fh, indexed.path, indexed.size, indexed.mtime_ns, media_type, width,
+                       height)
 
 
 # --- thumbnails -----------------------------------------------------------------------------
@@ -334,7 +267,7 @@ def render_thumbnail(fp: BinaryIO, side: int) -> bytes:
     """A JPEG at most `side` px from an opened image file."""
     try:
         fp.seek(0)
-        image, _, _ = decode_reduced(fp, min_side=side)
+        image, _, _ = decode_image(fp, side)
     except OSError:
         raise NotFound("its file cannot be read any more") from None
     except DecodeFailure as exc:

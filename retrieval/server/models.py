@@ -1,4 +1,5 @@
-"""The HTTP API's request and response shapes (pydantic), which are also its OpenAPI schema.
+"""The HTTP API's request and response shapes (pydantic), which are also its OpenAPI schema,
+and the JSON they are written as (`JSONAnswer`).
 
 Every bound a client can push (result counts, offsets, ids, text lengths, number of terms) is
 declared here, so a request over it is a 422 before any work is done, and the docs say so.
@@ -6,8 +7,10 @@ declared here, so a request over it is a 422 before any work is done, and the do
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = [
@@ -18,6 +21,7 @@ __all__ = [
     "MAX_TEXT",
     "MAX_TOP",
     "CaptionRequest",
+    "JSONAnswer",
     "KnnHit",
     "KnnRequest",
     "MetadataItem",
@@ -32,6 +36,19 @@ MAX_OFFSET = 10_000
 MAX_TERMS = 16  # texts + images + negatives in one query
 MAX_TEXT = 2000  # characters per text; CLIP reads 77 tokens anyway
 MAX_ID = 2**63 - 1  # store ids are signed 64-bit; larger numbers cannot name anything
+
+
+class JSONAnswer(JSONResponse):
+    """JSON that also carries file names that are not UTF-8.
+
+    The store keeps such a name as a str with lone surrogates (PEP 383, `'bad_\\udcff.png'`),
+    which UTF-8 cannot encode: each is written as its JSON escape (`"\\udcff"`), which
+    Python's json reads back to the same str and `os.fsencode` to the same bytes.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None,
+                          separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 def _encodable(text: str) -> str:

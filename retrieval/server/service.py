@@ -1,0 +1,202 @@
+"""The server's adapter over the one query pipeline, free of any web framework.
+
+A request becomes `Term`s and a `Query` here (`search_query`, the one place the search options
+meet); `retrieval.search.Searcher` turns those into a vector and hits, as for the CLI and
+Python; what comes back is shaped here for clip-retrieval's clients (the knn list, metadata)
+from the store's read API. Requests never name files: query images arrive as bytes (decoded
+here, under the server's limits, and handed to the pipeline decoded), indexed images are named
+by id, and a file is served only while it is still the file that was indexed.
+
+One lock serialises model calls and index catch-up (the embedder and the in-memory FAISS
+indexes are not safe for concurrent use); store reads and thumbnails run without it, and a
+semaphore bounds the image decodes in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from index import __version__
+from index.errors import NotFound, TooLarge, UsageProblem
+from index.scan import Decoded
+
+from ..query import Query, SearchResult, Term, terms_from
+from ..search import Searcher
+from .media import DEFAULT_LIMITS, Limits, OpenedImage, Thumbnails, decode_uploads, open_indexed
+from .models import MAX_TERMS, MAX_TEXT
+
+__all__ = ["INDICES", "TARGET_OF_MODALITY", "KnnParams", "SearchParams", "Service",
+           "search_query"]
+
+# clip-retrieval names indices; ours are the two vector indexes, mapped from `modality` too
+INDICES = {"images": "images", "captions": "captions"}
+TARGET_OF_MODALITY = {"image": "images", "text": "captions"}
+UrlFor = Callable[[int], str]
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """One search request: texts, uploaded image bytes and/or an indexed image, and options."""
+
+    texts: Sequence[str] = ()
+    images: Sequence[bytes] = ()
+    image_id: int | None = None
+    negatives: Sequence[str] = ()
+    target: str = "images"
+    top: int = 10
+    offset: int = 0
+    threshold: float | None = None
+    under: str | None = None
+    dedup: bool = False
+
+
+@dataclass(frozen=True)
+class KnnParams:
+    """A clip-retrieval /knn-service request, already parsed and validated."""
+
+    text: str | None = None
+    image: bytes | None = None
+    embedding: Sequence[float] | None = None
+    target: str = "images"
+    num_images: int = 40
+    num_result_ids: int = 40
+    deduplicate: bool = False
+
+
+def search_query(params: SearchParams, uploads: Sequence[Decoded]) -> Query:
+    """The Query a search request asks; `uploads` are its images, decoded.
+
+    Texts and negatives may carry `W:` weights. A request never names a file: its images are
+    bytes, and a negative is always a text.
+    """
+    terms = terms_from(params.texts, uploads=zip(params.images, uploads),
+                       image_ids=() if params.image_id is None else (params.image_id,),
+                       negatives=params.negatives, paths_in_negatives=False)
+    return Query(terms, target=params.target, k=params.top, offset=params.offset,
+                 threshold=params.threshold,
+                 under=os.path.abspath(params.under) if params.under else None,
+                 dedup=params.dedup)
+
+
+def check_sizes(params: SearchParams) -> None:
+    """Refuse (TooLarge) a request over the term count or text length, before any work."""
+    terms = len(params.texts) + len(params.images) + len(params.negatives)
+    if terms > MAX_TERMS:
+        raise TooLarge(f"{terms} query terms; the limit is {MAX_TERMS}")
+    for text in [*params.texts, *params.negatives, params.under or ""]:
+        if len(text) > MAX_TEXT:
+            raise TooLarge(f"query texts are at most {MAX_TEXT} characters")
+
+
+@dataclass
+class Service:
+    """The server's state: one Searcher, a lock for the model, a decode semaphore, a
+    thumbnail cache."""
+
+    searcher: Searcher
+    limits: Limits = DEFAULT_LIMITS
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.decodes = threading.BoundedSemaphore(self.limits.max_concurrent_decodes)
+        self.thumbnails = Thumbnails(max_bytes=self.limits.thumbnail_cache_bytes,
+                                     decodes=self.decodes)
+
+    @property
+    def store(self):
+        return self.searcher.library.store
+
+    # --- searching --------------------------------------------------------------------------
+    def search(self, params: SearchParams) -> SearchResult:
+        """A search request, answered as `clipdex search` answers it."""
+        check_sizes(params)
+        return self._run(search_query(params, self._decoded(params.images)))
+
+    def caption(self, image: bytes, *, top: int = 5) -> SearchResult:
+        return self.search(SearchParams(images=[image], target="captions", top=top))
+
+    def _run(self, query: Query) -> SearchResult:
+        with self.lock:
+            return self.searcher.run(query)
+
+    def _decoded(self, images: Sequence[bytes]) -> list[Decoded]:
+        """Uploads decoded as the indexer decodes files; no model lock while Pillow works."""
+        if not images:
+            return []
+        with self.lock:
+            image_size = self.searcher.embedder.image_size
+        return decode_uploads(images, min_side=2 * image_size, limits=self.limits,
+                              decodes=self.decodes)
+
+    # --- clip-retrieval ---------------------------------------------------------------------
+    def knn(self, params: KnnParams, url_for: UrlFor) -> list[dict]:
+        """Results best first: metadata for the first num_images, ids and scores for the rest."""
+        terms = self._knn_terms(params)
+        query = Query(terms, target=params.target, k=params.num_result_ids,
+                      dedup=params.deduplicate)
+        try:
+            hits = self._run(query).hits
+        except UsageProblem as exc:
+            if terms[0].kind != "embedding":
+                raise
+            raise UsageProblem(f"embedding_input: {exc}") from None  # name the field at fault
+        shown = self.metadata([h.id for h in hits[:params.num_images]], params.target, url_for)
+        return [{**shown.get(h.id, {}), "id": h.id, "similarity": h.score} for h in hits]
+
+    def _knn_terms(self, params: KnnParams) -> tuple[Term, ...]:
+        """clip-retrieval's precedence: a text, else an image, else an embedding."""
+        if params.text:
+            return (Term.text(params.text),)
+        if params.image is not None:
+            return terms_from(uploads=zip([params.image], self._decoded([params.image])))
+        if params.embedding is not None:
+            return (Term.vector(params.embedding),)
+        raise UsageProblem("give one of text, image (base64) or embedding_input")
+
+    def metadata(self, ids: Iterable[int], target: str, url_for: UrlFor) -> dict[int, dict]:
+        """caption / image_path / url of images or captions, by id (unknown ids are absent)."""
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            return {}
+        if target == "images":
+            paths = self.store.image_paths(wanted)
+            captions = self.store.first_captions(list(paths))
+            return {i: _meta(captions.get(i), i, path, url_for) for i, path in paths.items()}
+        return {c.id: _meta(c.text, c.image_id, c.path, url_for)
+                for c in self.store.captions(wanted).values()}
+
+    # --- images, stats ----------------------------------------------------------------------
+    def open_image(self, image_id: int) -> OpenedImage:
+        """The indexed file behind an id, opened, if it is still the file that was indexed."""
+        indexed = self.store.image_file(image_id)
+        if indexed is None:
+            raise NotFound(f"no image with id {image_id} in this library")
+        try:
+            return open_indexed(indexed)
+        except NotFound as exc:
+            raise NotFound(f"image {image_id} is indexed but {exc}") from None
+
+    def thumbnail(self, image_id: int, *, size: int) -> bytes:
+        with self.open_image(image_id) as image:
+            return self.thumbnails.get(image, size=size)
+
+    def stats(self) -> dict:
+        return self.searcher.library.stats()
+
+    def health(self) -> dict:
+        return {"status": "ok", "version": __version__, "model": self.searcher.library.model,
+                "images": self.store.count("image"), "captions": self.store.count("caption")}
+
+
+def _meta(caption: str | None, image_id: int | None, path: str | None,
+          url_for: UrlFor) -> dict:
+    meta: dict = {}
+    if caption is not None:
+        meta["caption"] = caption
+    if image_id is not None and path is not None:
+        meta["image_path"] = path
+        meta["url"] = url_for(image_id)
+    return meta
