@@ -11,6 +11,9 @@ import contextlib
 import functools
 import logging
 import os
+import socket
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +28,17 @@ if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
     from PIL import Image
 
-__all__ = ["TINY_DIR", "ClipEmbedder", "encode_text_trimmed", "resolve_spec"]
+__all__ = ["TINY_DIR", "ClipEmbedder", "encode_text_trimmed", "hub_reachable", "resolve_spec",
+           "shorten"]
 
 TINY_DIR = Path(__file__).parent / "models" / "tiny"
 OFFLINE_HINT = (
     "Use --model tiny (the small offline CLIP shipped with clipdex), or point at weights on disk: "
     "--model ARCH:/path/to/checkpoint.pt or --model local-dir:/path/to/open_clip_folder."
 )
+DEFAULT_HUB = "https://huggingface.co"
+HUB_PROBE_SECONDS = 2.0  # one TCP connect; a reachable hub answers in well under a second
+REASON_CHARS = 300  # of a download error quoted in ours
 
 
 @dataclass(frozen=True)
@@ -74,14 +81,115 @@ def resolve_spec(spec: str) -> ModelSource:
 
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    """open_clip logs on the root logger (random init, failed downloads); we report instead."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.CRITICAL)
-    try:
+    """Keep open_clip's and the hub's logs and warnings (random init, retries, failed downloads)
+    off the terminal while a model loads: we report instead.
+
+    open_clip logs through the root logger's functions, which install a stderr handler on
+    first use, and huggingface_hub has a handler of its own, so a failing download printed
+    each retry twice. Shown as they are when the application logs at INFO (`clipdex
+    --verbose`); download progress bars are not logs and still show.
+    """
+    if logging.getLogger("clipdex").isEnabledFor(logging.INFO):
         yield
+        return
+    root, hub = logging.getLogger(), logging.getLogger("huggingface_hub")
+    levels = root.level, hub.level
+    placeholder = logging.NullHandler()
+    root.addHandler(placeholder)  # a root with a handler is never given a default one
+    root.setLevel(logging.CRITICAL)
+    hub.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        root.setLevel(level)
+        root.removeHandler(placeholder)
+        root.setLevel(levels[0])
+        hub.setLevel(levels[1])
+
+
+def _needs_hub(source: ModelSource) -> bool:
+    """Whether loading may download: a pretrained tag or an hf-hub: model (not a local file)."""
+    if source.name.startswith("hf-hub:"):
+        return True
+    tag = source.pretrained
+    return bool(tag) and os.sep not in tag and not os.path.isfile(tag)
+
+
+def _hub_address() -> tuple[str, int]:
+    """Where a download connects first: the HTTPS proxy when one is set, else the hub."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or DEFAULT_HUB
+    proxy = urllib.request.getproxies().get("https")
+    host = urlsplit(endpoint).hostname or ""
+    if proxy and not urllib.request.proxy_bypass(host):
+        endpoint = proxy if "://" in proxy else f"http://{proxy}"
+    url = urlsplit(endpoint)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the model hub (or the HTTPS proxy) opens within `timeout`.
+
+    Run in a thread because a name lookup does not honour a socket timeout."""
+    host, port = _hub_address()
+    answer: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                answer.append(True)
+        except (OSError, UnicodeError):
+            answer.append(False)
+
+    thread = threading.Thread(target=connect, name="clipdex-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable(source: ModelSource) -> Iterator[str | None]:
+    """Yields why the load runs offline (None: online, or no download needed).
+
+    Unreachable, huggingface_hub would retry every file for about a minute before failing;
+    in its offline mode it answers from the local cache at once, so a cached model still
+    loads. The hub reads HF_HUB_OFFLINE once, at import: its constant is set for the load.
+    """
+    if not _needs_hub(source):
+        yield None
+        return
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        yield "HF_HUB_OFFLINE is set"
+        return
+    if hub_reachable():
+        yield None
+        return
+    host = _hub_address()[0]
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield f"{host} cannot be reached"
+    finally:
+        constants.HF_HUB_OFFLINE = False
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def shorten(text: str, limit: int = REASON_CHARS) -> str:
+    """The first line of `text`, cut at a word boundary with "…" when over `limit`."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut + "…"
 
 
 class ClipEmbedder:
@@ -268,16 +376,25 @@ def _normalise(features: "torch.Tensor") -> np.ndarray:
 def _create(source: ModelSource, spec: str) -> tuple[Any, Callable, Callable]:
     import open_clip
 
-    try:
-        with _quiet_open_clip():
+    with _quiet_open_clip(), _offline_unless_reachable(source) as offline:
+        try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 source.name, pretrained=source.pretrained)
             tokenizer = open_clip.get_tokenizer(source.name)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ModelUnavailable(f"could not load model {spec!r}: {exc}. {OFFLINE_HINT}") from None
-    except Exception as exc:  # download failures surface as many types (RuntimeError, OSError…)
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise ModelUnavailable(
-            f"could not load model {spec!r}: its weights could not be downloaded or read "
-            f"({reason}). {OFFLINE_HINT}") from None
+        except Exception as exc:  # download failures surface as many types (RuntimeError…)
+            raise _unavailable(spec, exc, offline=offline) from None
     return model, preprocess, tokenizer
+
+
+def _unavailable(spec: str, exc: Exception, *, offline: str | None) -> ModelUnavailable:
+    """One line: what failed, why (cut at a word), what to use instead."""
+    if offline:
+        return ModelUnavailable(
+            f"could not load model {spec!r}: its weights are not in the local cache and "
+            f"could not be downloaded ({offline}). {OFFLINE_HINT}")
+    if isinstance(exc, (FileNotFoundError, ValueError)) and "download" not in str(exc).lower():
+        return ModelUnavailable(f"could not load model {spec!r}: "
+                                f"{shorten(str(exc)) or type(exc).__name__}. {OFFLINE_HINT}")
+    return ModelUnavailable(
+        f"could not load model {spec!r}: its weights could not be downloaded or read "
+        f"({shorten(str(exc)) or type(exc).__name__}). {OFFLINE_HINT}")

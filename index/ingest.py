@@ -77,9 +77,11 @@ class IngestReport:
     failed: int = 0  # files that failed in this run (reasons in `failures`)
     skipped_failed: int = 0  # files that failed before and have not changed since
     rehashed: int = 0  # unchanged files whose content hash was checked (--rehash)
-    seconds: float = 0.0
+    seconds: float = 0.0  # scanning and embedding (Library.index takes a model load out)
     failures: tuple[tuple[str, str], ...] = ()
     index: dict = field(default_factory=dict)
+    model_load_seconds: float = 0.0
+    total_seconds: float = 0.0  # the whole call: model load, scan, embed, index files
 
     @property
     def failures_remain(self) -> bool:
@@ -93,6 +95,8 @@ class IngestReport:
             "moved": self.moved, "removed": self.removed, "failed": self.failed,
             "skipped_failed": self.skipped_failed, "rehashed": self.rehashed,
             "failures_remain": self.failures_remain, "seconds": round(self.seconds, 3),
+            "model_load_seconds": round(self.model_load_seconds, 3),
+            "total_seconds": round(self.total_seconds, 3),
             "images_per_second": round((self.new + self.changed) / self.seconds, 2)
             if self.seconds else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],

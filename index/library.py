@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
-from functools import partial
 from pathlib import Path
 
 from .atomic import remove_stale_temps
@@ -102,15 +102,25 @@ class Library:
         A file is unchanged while its size and mtime are; `rehash` also compares content
         hashes. `retry_failed` retries every recorded failure, changed or not.
         """
+        started = time.perf_counter()
         model = model or self.settings.model
         recorded = self.store.model_fingerprint()
+        loading: list[float] = []  # seconds spent loading the model, if it was loaded
+
+        def timed_load() -> Embedder:
+            load_started = time.perf_counter()
+            try:
+                return self.embedder(recorded[0], precision=precision)
+            finally:
+                loading.append(time.perf_counter() - load_started)
+
         if recorded is not None:
             check_model(recorded[0], model or recorded[0])
-            embedder: Embedder | Callable[[], Embedder] = partial(
-                self.embedder, recorded[0], precision=precision)
+            embedder: Embedder | Callable[[], Embedder] = timed_load  # only if needed
             dim = recorded[1]
         else:
             embedder = self._claim(model, precision)
+            loading.append(time.perf_counter() - started)
             dim = embedder.dim
         report = ingest_images(self.store, embedder, [Path(p) for p in paths], exclude=exclude,
                                include_hidden=include_hidden,
@@ -128,8 +138,12 @@ class Library:
                                     save=True)
         from dataclasses import replace
 
+        load = sum(loading)
+        lazy = load if recorded is not None else 0.0  # a lazy load ran inside the ingest
         return replace(report, index={"images": images.describe(),
-                                      "captions": captions.describe()})
+                                      "captions": captions.describe()},
+                       seconds=max(0.0, report.seconds - lazy), model_load_seconds=load,
+                       total_seconds=time.perf_counter() - started)
 
     def add_captions(self, path: str | os.PathLike, *, format: str | None = None,
                      model: str | None = None, precision: str | None = None,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import functools
 import hashlib
-import io
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +41,7 @@ PERMISSION_DENIED = "permission denied"
 
 @dataclass(frozen=True)
 class FoundFile:
-    path: str  # absolute, as reached (symlinked folders keep their link name)
+    path: str  # absolute: without symlinks where it can be (see `scan`), else as reached
     size: int
     mtime_ns: int
 
@@ -103,68 +103,140 @@ def scan(roots: Iterable[Path], *, exclude: Iterable[str] = (), include_hidden: 
          on_error: Callable[[ScanError], None] | None = None) -> Iterator[FoundFile]:
     """Yield every image file under `roots`, following symlinks without loops or duplicates.
 
+    A file reached both with and without a symlink on the way is found under the path without
+    one: symlinks are followed only once everything reachable without them has been walked,
+    those met first (fewest links on the way) first. A file reached only through a symlink
+    (a link to a folder outside the roots) keeps the link's path.
+
     `exclude` globs match a file's or folder's name, its path relative to the root, or its
-    absolute path (a trailing slash is ignored). Entries that cannot be used (broken links,
-    folders that cannot be listed) go to `on_error`.
+    absolute path (a trailing slash is ignored). What they exclude stays excluded when a
+    symlink leads to it too; excluding a symlink excludes that way in, not its target.
+    Entries that cannot be used (broken links, folders that cannot be listed) go to `on_error`.
     """
-    patterns = tuple(p.rstrip("/") or p for p in exclude)
-    suffixes = supported_suffixes()
-    seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[str] = set()
-
-    def consider(path: str, rel: str, name: str) -> FoundFile | None:
-        if (not include_hidden and name.startswith(".")) or \
-                os.path.splitext(name)[1].lower() not in suffixes or \
-                _excluded(path, rel, name, patterns):
-            return None
-        real = os.path.realpath(path)
-        if real in seen_files:
-            return None
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            seen_files.add(real)  # a broken link reached twice is reported once
-            error = _unstattable(path, exc)
-            if error and on_error:
-                on_error(error)
-            return None
-        seen_files.add(real)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO named .jpg would block the first read
-            if on_error:
-                on_error(ScanError(path, f"not a regular file ({_file_kind(st.st_mode)})", False,
-                                   st.st_size, st.st_mtime_ns))
-            return None
-        return FoundFile(path, st.st_size, st.st_mtime_ns)
-
+    walk = _Walk(tuple(p.rstrip("/") or p for p in exclude), include_hidden=include_hidden,
+                 on_error=on_error)
     for root in roots:
-        root = Path(os.path.abspath(root))
-        if root.is_file():
-            found = consider(str(root), root.name, root.name)
+        yield from walk.root(os.path.abspath(root))
+    yield from walk.links()
+
+
+@dataclass(frozen=True)
+class _Link:
+    """A symlink met on the way, followed after everything reachable without one."""
+
+    path: str
+    rel: str  # relative to its root, through the link's name
+    root: str
+    folder: bool
+
+
+class _Walk:
+    """One scan's state: what was seen (by folder identity, by real file path), what was
+    excluded (by real path), and the symlinks still to follow (first met, first followed)."""
+
+    def __init__(self, patterns: tuple[str, ...], *, include_hidden: bool,
+                 on_error: Callable[[ScanError], None] | None) -> None:
+        self.patterns = patterns
+        self.include_hidden = include_hidden
+        self.on_error = on_error
+        self.suffixes = supported_suffixes()
+        self.seen_dirs: set[tuple[int, int]] = set()
+        self.seen_files: set[str] = set()
+        self.excluded_dirs: list[str] = []  # real paths, each ending in os.sep
+        self.pending: collections.deque[_Link] = collections.deque()
+
+    def root(self, root: str) -> Iterator[FoundFile]:
+        if os.path.isfile(root):
+            name = os.path.basename(root)
+            found = self.file(root, name, name, now=True)  # named by the user: as it is
             if found:
                 yield found
-            continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
-                                                    onerror=_walk_error(on_error)):
+        else:
+            yield from self.folder(root, root)
+
+    def links(self) -> Iterator[FoundFile]:
+        while self.pending:
+            link = self.pending.popleft()
+            if self._in_excluded_dir(os.path.realpath(link.path)):
+                continue
+            if link.folder:
+                yield from self.folder(link.path, link.root)
+                continue
+            found = self.file(link.path, link.rel, os.path.basename(link.path), now=True)
+            if found:
+                yield found
+
+    def folder(self, top: str, root: str) -> Iterator[FoundFile]:
+        """The files below `top` reachable without a symlink; the symlinks go to `pending`."""
+        for dirpath, dirnames, filenames in os.walk(top, onerror=_walk_error(self.on_error)):
             try:
                 st = os.stat(dirpath)
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) in seen_dirs:
+            if (st.st_dev, st.st_ino) in self.seen_dirs:
                 dirnames[:] = []  # a symlink loop, or a second way into the same folder
                 continue
-            seen_dirs.add((st.st_dev, st.st_ino))
+            self.seen_dirs.add((st.st_dev, st.st_ino))
             rel_dir = os.path.relpath(dirpath, root)
-            dirnames[:] = [
-                d for d in sorted(dirnames)
-                if (include_hidden or not d.startswith("."))
-                and not _excluded(os.path.join(dirpath, d),
-                                  os.path.normpath(os.path.join(rel_dir, d)), d, patterns)
-            ]
             for name in sorted(filenames):
                 rel = os.path.normpath(os.path.join(rel_dir, name))
-                found = consider(os.path.join(dirpath, name), rel, name)
+                found = self.file(os.path.join(dirpath, name), rel, name)
                 if found:
                     yield found
+            # after the files: a folder's own file links are met (and followed) before those
+            # of its subfolders; os.walk reads dirnames only once this step resumes it
+            dirnames[:] = [d for d in sorted(dirnames)
+                           if self._descend(dirpath, os.path.normpath(os.path.join(rel_dir, d)),
+                                            d, root)]
+
+    def _descend(self, dirpath: str, rel: str, name: str, root: str) -> bool:
+        """Whether os.walk goes into this subfolder now (a symlink waits in `pending`)."""
+        path = os.path.join(dirpath, name)
+        if not self.include_hidden and name.startswith("."):
+            return False
+        link = os.path.islink(path)
+        if _excluded(path, rel, name, self.patterns):
+            if not link:  # a symlink to it must not bring it back
+                self.excluded_dirs.append(os.path.join(os.path.realpath(path), ""))
+            return False
+        if link:
+            self.pending.append(_Link(path, rel, root, folder=True))
+            return False
+        return True
+
+    def file(self, path: str, rel: str, name: str, *, now: bool = False) -> FoundFile | None:
+        """The file, if wanted and not seen yet; a symlink waits in `pending` unless `now`."""
+        if (not self.include_hidden and name.startswith(".")) or \
+                os.path.splitext(name)[1].lower() not in self.suffixes:
+            return None
+        if _excluded(path, rel, name, self.patterns):
+            if not os.path.islink(path):  # a symlink to it must not bring it back
+                self.seen_files.add(os.path.realpath(path))
+            return None
+        if not now and os.path.islink(path):
+            self.pending.append(_Link(path, rel, "", folder=False))
+            return None
+        real = os.path.realpath(path)
+        if real in self.seen_files:
+            return None
+        self.seen_files.add(real)  # a broken link reached twice is reported once
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            error = _unstattable(path, exc)
+            if error and self.on_error:
+                self.on_error(error)
+            return None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO named .jpg would block the first read
+            if self.on_error:
+                self.on_error(ScanError(path, f"not a regular file ({_file_kind(st.st_mode)})",
+                                        False, st.st_size, st.st_mtime_ns))
+            return None
+        return FoundFile(path, st.st_size, st.st_mtime_ns)
+
+    def _in_excluded_dir(self, real: str) -> bool:
+        real = os.path.join(real, "")
+        return any(real.startswith(folder) for folder in self.excluded_dirs)
 
 
 def _file_kind(mode: int) -> str:
@@ -246,10 +318,6 @@ def hash_file(path: str) -> str:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise IsADirectoryError(f"{path}: not a regular file")
         return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _decode_bytes(data: bytes, min_side: int):
-    return decode_image(io.BytesIO(data), min_side)
 
 
 def decode_image(fh, min_side: int):

@@ -17,7 +17,10 @@ __all__ = ["TARGETS", "Hit", "ImageBytes", "ImagePath", "IndexedImage", "Query",
 
 TARGETS = ("images", "captions")
 NEGATIVE_WEIGHT = 0.5  # `--not X` subtracts half of X's unit vector unless a weight is given
-_WEIGHT = re.compile(r"^\s*(?P<w>[+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*:(?P<rest>.*)$", re.S)
+# A weight is a number, a colon, then anything but a digit: "2:sunset" and "0.5: hills" are
+# weighted, while times and ratios, common at the start of a query ("10:00 alarm clock",
+# "16:9 photo"), stay texts. The (?!\d) lookahead is that whole rule.
+_WEIGHT = re.compile(r"^\s*(?P<w>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*:(?!\d)(?P<rest>.*)$", re.S)
 
 
 # --- what a term stands for ---------------------------------------------------------------
@@ -116,8 +119,12 @@ class Term:
 def parse_weighted(raw: str, *, default: float = 1.0) -> tuple[float, str]:
     """Split an optional `W:` prefix: "2:a beach" → (2.0, "a beach"); "a beach" → (1.0, ...).
 
-    A path like `C:\\x.jpg` or a text with a colon later on keeps its colon: only a leading
-    number followed by a colon is a weight.
+    A weight is a number (`2`, `-1`, `0.5`, `.5`, `+3`), a colon, and then whitespace or any
+    character but a digit. So "2:sunset", "0.5: mountains" and "-1:x" are weighted, while
+    "10:00 alarm clock", "16:9 photo", "12:30 lunch" and "2:3 people" are plain texts, as are
+    a path like `C:\\x.jpg` and a text with a colon later on ("red: a circle"). Only the first
+    prefix is read, and a space after its colon lets any text follow: "2: 3 people" is weight 2
+    on "3 people", and "1: 2:sunset" searches the text "2:sunset" itself (weight 1).
     """
     m = _WEIGHT.match(raw)
     if m and m["rest"].strip():

@@ -107,7 +107,8 @@ class Searcher:
     def search(self, text: str | Sequence[str] | None = None, *,
                image: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                negatives: Sequence[str] = (), target: str = "images", k: int = 10,
-               offset: int = 0, threshold: float | None = None, under: str | None = None,
+               offset: int = 0, threshold: float | None = None,
+               under: str | os.PathLike | None = None,
                dedup: bool = False, expand: "Expansion | str | None" = None) -> SearchResult:
         """Search with texts and/or images (each may carry a `W:` weight prefix).
 
@@ -118,7 +119,9 @@ class Searcher:
             target: "images" or "captions".
             k: how many hits; offset: how many best hits to skip (paging).
             threshold: drop hits scoring below this cosine similarity.
-            under: keep only images (or captions linked to images) below this folder.
+            under: keep only images (or captions linked to images) below this folder, which
+                must exist (UsageProblem otherwise); a symlinked folder also keeps what lies
+                below its target.
             dedup: collapse near-identical images (or identical caption texts).
             expand: move the text query towards the image side first: a method name
                 ("contrastive", "prior", "meanshift", "ridge", "pixels") or an Expansion.
@@ -130,7 +133,7 @@ class Searcher:
         terms = build_terms(texts, [str(p) for p in images], negatives)
         expansion = _expansion(expand)
         query = Query(terms, target=target, k=k, offset=offset, threshold=threshold,
-                      under=os.path.abspath(under) if under else None, dedup=dedup,
+                      under=_under_folder(under), dedup=dedup,
                       expand=expansion.method if expansion else None)
         return self.run(query, expansion=expansion)
 
@@ -248,13 +251,13 @@ class Searcher:
     def _filter(self, hits: list[Hit], query: Query, exclude: set[int],
                 vi: VectorIndex) -> list[Hit]:
         out = []
-        prefix = query.under.rstrip(os.sep) + os.sep if query.under else None
+        prefixes = _folder_prefixes(query.under) if query.under else None
         for hit in hits:
             if hit.kind == "image" and hit.id in exclude:
                 continue
             if query.threshold is not None and hit.score < query.threshold:
                 break  # hits are sorted: the rest score lower still
-            if prefix and not (hit.path or "").startswith(prefix):
+            if prefixes and not (hit.path or "").startswith(prefixes):
                 continue
             out.append(hit)
         return self._dedup(out, vi) if query.dedup else out
@@ -275,6 +278,23 @@ class Searcher:
             kept.append(hit)
             kept_vectors.append(v)
         return kept
+
+
+def _under_folder(under: str | os.PathLike | None) -> str | None:
+    """`under` as an absolute path; a UsageProblem when it is not a folder (else a typo would
+    read as "no results")."""
+    if under is None or str(under) == "":
+        return None
+    if not os.path.isdir(under):
+        problem = "not a folder" if os.path.exists(under) else "no such folder"
+        raise UsageProblem(f"--under: {problem}: {os.fspath(under)}")
+    return os.path.abspath(under)
+
+
+def _folder_prefixes(folder: str) -> tuple[str, ...]:
+    """What paths below `folder` start with: as written and, when a symlink leads there, as
+    resolved (the scan stores a file reached both ways under its real path)."""
+    return tuple({os.path.join(path, "") for path in (folder, os.path.realpath(folder))})
 
 
 def _expansion(expand: "Expansion | str | None") -> "Expansion | None":

@@ -63,7 +63,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     report = json.loads(result.stdout)
     assert report["pairs"] == SCENES + SCENES // 2 and report["images"] == SCENES
     assert report["steps"] == 120 and np.isfinite(report["final_loss"])
-    assert report["contrastive_steps"] == 1000 and np.isfinite(report["contrastive_loss"])
+    # one step per pair, at least 300 (240 pairs)
+    assert report["contrastive_steps"] == 300 and np.isfinite(report["contrastive_loss"])
     return home
 
 
@@ -209,7 +210,7 @@ def test_contrastive_map_ranks_each_caption_own_image_first_more_often(
     # on the pairs it learnt from, at least half of the misses go (measured: 0.904 → 0.975)
     assert _own_image_r1(pairs, mapped) > plain + 0.5 * (1 - plain), plain
     # the same seed gives the same map; sampled negatives (fewer than the images) train too
-    again, stats = ContrastiveMap.fit(pairs, config=ContrastiveConfig(steps=1000))
+    again, stats = ContrastiveMap.fit(pairs, config=ContrastiveConfig())
     assert np.allclose(again.weight, saved.weight, atol=1e-4)
     sampled, stats = ContrastiveMap.fit(pairs, config=ContrastiveConfig(steps=200, negatives=32))
     assert stats.steps == 200 and np.isfinite(stats.final_loss)

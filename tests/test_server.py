@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -357,6 +358,7 @@ def test_static_page_and_assets(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="q"' in page.text and "/static/app.js" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
     for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
         response = client.get(f"/static/{asset}")
         assert response.status_code == 200 and kind in response.headers["content-type"]
@@ -372,6 +374,92 @@ def test_stats_health_and_docs(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert {"/api/search", "/knn-service", "/metadata", "/indices-list"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 200
+
+
+def _referenced_urls(html: str) -> list[str]:
+    """Every src/href/url/spec-url attribute of a page, and any absolute URL in its text."""
+    named = re.findall(r"""(?:src|href|url|spec-url)\s*[=:]\s*["']([^"']+)["']""", html)
+    return named + re.findall(r"https?://[^\s\"'<>)]+", html)
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_api_docs_reference_only_this_server(client: TestClient, path: str) -> None:
+    """Swagger UI and ReDoc come from this server (fastapi-offline), so /docs works offline."""
+    page = client.get(path)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    urls = _referenced_urls(page.text)
+    scripts = [u for u in urls if u.endswith(".js")]
+    assert scripts and "/openapi.json" in urls, urls  # the UI's script and the schema it reads
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), f"{path} loads {url}"
+        assert client.get(url).status_code == 200, url
+    assert client.head(scripts[0]).status_code == 200
+    policy = page.headers["content-security-policy"]  # and the browser asks no other host
+    assert "default-src 'self'" in policy and "img-src 'self' data: blob:;" in policy
+
+
+def test_favicon(client: TestClient) -> None:
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.content.lstrip().startswith(b"<svg")
+    page = client.get("/").text
+    assert 'rel="icon"' in page and client.get("/static/favicon.svg").content == icon.content
+
+
+def test_examples_are_short_captions_of_the_library(client: TestClient,
+                                                    captions_by_file: dict[str, str]) -> None:
+    examples = client.get("/api/examples").json()["examples"]
+    assert 1 <= len(examples) <= 5 and len(set(examples)) == len(examples)
+    assert set(examples) <= set(captions_by_file.values())
+    assert all(len(e) <= 60 for e in examples)
+    assert client.get("/api/examples").json()["examples"] == examples  # stable between calls
+
+
+def test_examples_follow_the_captions(tmp_path: Path) -> None:
+    write_scenes(tmp_path / "scenes", 6, seed=9)
+    with Library.open(tmp_path / "home") as lib:
+        lib.index([tmp_path / "scenes"], model=TEST_MODEL)
+    searcher = Searcher.open(tmp_path / "home")
+    try:
+        client = TestClient(create_app(searcher), base_url=LOCAL)
+        assert client.get("/api/examples").json() == {"examples": []}  # no captions: none
+        with Library.open(tmp_path / "home") as lib:
+            lib.add_captions(tmp_path / "scenes" / "captions.jsonl")
+        examples = client.get("/api/examples").json()["examples"]
+        captions = [json.loads(line)["caption"] for line in
+                    (tmp_path / "scenes" / "captions.jsonl").read_text().splitlines()]
+        assert examples and set(examples) <= set(captions)
+    finally:
+        searcher.close()
+
+
+def test_pick_examples_keeps_short_distinct_texts() -> None:
+    from retrieval.server.service import pick_examples
+
+    texts = ["a red  circle", "A red circle", "x" * 61, "  ", "two stars", "a ring", "b", "c"]
+    assert pick_examples(texts) == ["a red circle", "two stars", "a ring", "b", "c"]
+    assert pick_examples(texts, count=2, max_chars=9) == ["two stars", "a ring"]
+
+
+# --- errors speak of request fields, not CLI flags ------------------------------------------
+def test_errors_name_request_fields_not_cli_flags(client: TestClient) -> None:
+    empty = _assert_json_error(client.get("/api/search"), 400)
+    assert empty == "empty query: give a text, an image, or both"
+    only_negatives = _assert_json_error(client.post("/api/search", json={"negatives": ["x"]}),
+                                        400)
+    assert "negatives" in only_negatives and "--" not in only_negatives
+
+
+def test_flag_names_become_field_names() -> None:
+    from retrieval.server.service import in_request_terms
+
+    assert in_request_terms("--top must be at least 1 (got 0)") == "top must be at least 1 (got 0)"
+    assert in_request_terms("--offset cannot be negative") == "offset cannot be negative"
+    assert (in_request_terms("a query needs at least one positive term, not only --not terms")
+            == "a query needs at least one positive term, not only negatives")
+    # flags no request can set stay, and so do look-alikes of a known flag
+    assert in_request_terms("--expand-samples needs --expand") == "--expand-samples needs --expand"
+    assert in_request_terms("--images or --top-k") == "--images or --top-k"
 
 
 # --- clip-retrieval compatibility -----------------------------------------------------------
@@ -556,6 +644,7 @@ def test_empty_library_is_a_clear_404(tmp_path: Path) -> None:
         message = _assert_json_error(client.get("/api/search", params={"text": "x"}), 404)
         assert "clipdex index" in message
         assert client.get("/api/health").json()["images"] == 0
+        assert client.get("/api/examples").json() == {"examples": []}
         _assert_json_error(client.post("/knn-service", json={"text": "x"}), 404)
     finally:
         empty.close()
@@ -602,7 +691,8 @@ def test_serve_help_and_missing_extra() -> None:
     missing = subprocess.run(
         [sys.executable, "-c", code.format(block=blocked, args=["serve"])],
         cwd=REPO, capture_output=True, text=True)
-    assert missing.stdout.startswith("1 ") and "pip install 'clipdex[server]'" in missing.stdout
+    assert missing.stdout.startswith("1 ") and "pip install -e" in missing.stdout \
+        and "[server]" in missing.stdout
 
 
 # --- a real server: `clipdex serve` on 127.0.0.1 while `clipdex index` adds images -----------
@@ -765,7 +855,8 @@ def test_live_server_image_file_gone_is_404(live_server) -> None:
 OPERATIONS = [("GET", "/api/search"), ("POST", "/api/search"), ("POST", "/api/search/upload"),
               ("POST", "/api/caption"), ("POST", "/api/caption/upload"),
               ("GET", "/api/images/{image_id}"), ("GET", "/api/images/{image_id}/thumbnail"),
-              ("GET", "/api/stats"), ("GET", "/api/health"), ("POST", "/knn-service"),
+              ("GET", "/api/examples"), ("GET", "/api/stats"), ("GET", "/api/health"),
+              ("POST", "/knn-service"),
               ("GET", "/indices-list"), ("POST", "/metadata")]
 
 
@@ -782,7 +873,8 @@ def test_fuzzed_operations_are_all_the_operations(client: TestClient) -> None:
     assert sorted((m.upper(), p) for p, ops in paths.items() for m in ops) == sorted(OPERATIONS)
 
 
-NO_INPUT = {("GET", "/api/stats"), ("GET", "/api/health"), ("GET", "/indices-list")}
+NO_INPUT = {("GET", "/api/examples"), ("GET", "/api/stats"), ("GET", "/api/health"),
+            ("GET", "/indices-list")}
 FUZZ_CASES = [(method, path, mode) for method, path in OPERATIONS
               for mode in ("positive", "negative")
               if mode == "positive" or (method, path) not in NO_INPUT]  # nothing to make invalid

@@ -6,6 +6,7 @@ installs it, see .ci/run) and is skipped with a reason where it is missing.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -141,6 +142,102 @@ def test_image_query_by_file_picker(page, server_url) -> None:
         timeout=WAIT_MS)
     _wait_for_thumbnails(page, 2)
     assert _loaded_thumbnails(page) >= 2
+
+
+def test_similar_shows_the_file_name(page) -> None:
+    expect = playwright_api.expect
+    page.fill("#q", "a green triangle")
+    page.keyboard.press("Enter")
+    first = page.locator("#results article.hit.image").first
+    first.wait_for(timeout=WAIT_MS)
+    path = first.locator(".name").get_attribute("title")
+    first.locator("button.similar").click()
+    expect(page.locator("#chosen-name")).to_have_text(Path(path).name)
+    expect(page.locator("#chosen-name")).to_have_attribute("title", path)
+    expect(page.locator("#results article.hit.image").first).to_be_visible(timeout=WAIT_MS)
+
+
+def test_example_queries_from_the_captions(page, server_url) -> None:
+    expect = playwright_api.expect
+    chips = page.locator("#examples button.example")
+    expect(chips.first).to_be_visible(timeout=WAIT_MS)
+    texts = chips.all_inner_texts()
+    captions = {json.loads(line)["caption"] for line in
+                (server_url[1] / "captions.jsonl").read_text().splitlines()}
+    assert 1 <= len(texts) <= 5 and set(texts) <= captions
+    if SCREENSHOTS:
+        page.screenshot(path=str(SCREENSHOTS / "landing.png"))
+    chips.first.click()
+    expect(page.locator("#q")).to_have_value(texts[0])
+    expect(page.locator("#results article.hit").first).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#examples")).to_be_hidden()
+
+
+def test_the_page_has_an_icon(page, server_url) -> None:
+    href = page.locator('link[rel="icon"]').get_attribute("href")
+    for path in (href, "/favicon.ico"):
+        response = page.request.get(server_url[0] + path)
+        assert response.ok and response.headers["content-type"].startswith("image/svg+xml")
+
+
+@pytest.mark.parametrize(("path", "rendered"), [
+    ("/docs", ".opblock-summary-path[data-path='/api/search']"),
+    ("/redoc", "h1:has-text('clipdex')"),
+])
+def test_api_docs_render_offline(browser, server_url, path: str, rendered: str) -> None:
+    """Swagger UI and ReDoc render with every request to another host refused.
+
+    The pages' Content-Security-Policy stops what they would still ask of another host (ReDoc's
+    Redocly logo) before it is a request; a CDN script would be stopped too, and not render.
+    """
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    refused: list[str] = []
+    errors: list[str] = []
+
+    def only_this_server(route) -> None:
+        url = route.request.url
+        if url.startswith(server_url[0] + "/") or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            refused.append(url)
+            route.abort()
+    page.route("**/*", only_this_server)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(server_url[0] + path)
+        playwright_api.expect(page.locator(rendered).first).to_be_visible(timeout=WAIT_MS)
+        if path == "/redoc":  # and an operation, not only the title
+            playwright_api.expect(page.get_by_text("Search by text (query string)").first
+                                  ).to_be_attached(timeout=WAIT_MS)
+        if SCREENSHOTS:
+            page.screenshot(path=str(SCREENSHOTS / f"{path.strip('/')}.png"))
+    finally:
+        context.close()
+    assert not refused, refused  # nothing was needed from another host
+    assert not errors, errors
+
+
+def test_the_page_at_phone_width(browser, server_url) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True,
+                                  has_touch=True)
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    try:
+        page.goto(server_url[0] + "/")
+        expect = playwright_api.expect
+        expect(page.locator("#examples button.example").first).to_be_visible(timeout=WAIT_MS)
+        page.fill("#q", "a red circle")
+        page.keyboard.press("Enter")
+        expect(page.locator("#results article.hit.image").first).to_be_visible(timeout=WAIT_MS)
+        _wait_for_thumbnails(page, 2)
+        wide = page.evaluate("() => document.documentElement.scrollWidth")
+        assert wide <= 375, f"the page is {wide}px wide on a 375px screen"
+        if SCREENSHOTS:
+            page.screenshot(path=str(SCREENSHOTS / "phone.png"))
+    finally:
+        context.close()
 
 
 def test_errors_are_shown_on_the_page(page) -> None:

@@ -72,7 +72,7 @@ def train_expanders(library: "Library", *, train: "TrainConfig | None" = None,
     train = train or TrainConfig()
     contrastive = contrastive or ContrastiveConfig()
     prior_steps = train.total_steps(len(pairs))
-    total = prior_steps + contrastive.steps
+    total = prior_steps + contrastive.total_steps(len(pairs))
 
     def prior_progress(done: int, _total: int, loss: float) -> None:
         if progress:
@@ -99,7 +99,8 @@ def train_expanders(library: "Library", *, train: "TrainConfig | None" = None,
             "prior": config_dict(prior.config), "train": {**asdict(train), "steps": stats.steps},
             "ridge_lambda": RIDGE_LAMBDA, "pairs": len(pairs), "images": images,
             "seconds": round(stats.seconds, 2), "final_loss": round(stats.final_loss, 6),
-            "contrastive": {**asdict(contrastive), "seconds": round(map_stats.seconds, 2),
+            "contrastive": {**asdict(contrastive), "steps": map_stats.steps,
+                            "seconds": round(map_stats.seconds, 2),
                             "identity_penalty": map_stats.identity_penalty,
                             "final_loss": round(map_stats.final_loss, 6)},
             "trained_at": time.time()}

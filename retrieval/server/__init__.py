@@ -4,9 +4,11 @@
     /api/caption, /api/caption/upload  captions for an uploaded image
     /api/images/{id}[/thumbnail]       an indexed image by id (never by path), only while its
                                        file is still the regular image file that was indexed
+    /api/examples                      a few of the library's captions, to try as queries
     /api/stats, /api/health
     /knn-service, /indices-list, /metadata   what LAION's ClipClient and clip-front call
-    /                                  the web page;  /docs  the OpenAPI docs
+    /                                  the web page
+    /docs, /redoc                      the OpenAPI docs (Swagger UI, ReDoc), served offline
 
 Every query goes through the one pipeline (`retrieval.search.Searcher`), as for the CLI and
 Python; the server only turns requests into terms and answers into JSON.

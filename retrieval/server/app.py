@@ -1,13 +1,16 @@
 """The app: `create_app` over one Searcher, `serve` for `clipdex serve`, JSON errors, and the
-middlewares every request passes (body limit, Host, Origin, HEAD).
+middlewares every request passes (body limit, Host, Origin, HEAD, the pages' CSP).
 
 Errors are JSON objects `{"error": message}` with the domain exception's own `http_status`
-(index.errors); a bug is a JSON 500 whose traceback stays in the log. Every GET route answers
-HEAD. Only requests whose Host names this server are answered (DNS rebinding), and a request
-from a web page (an Origin header) only from this server's own page or a `--cors` origin:
-/knn-service and /metadata take JSON sent as text/plain, which any page could otherwise post
-without a CORS preflight. JSON is written by `JSONAnswer`, so a file name that is not UTF-8
-is escaped, not a 500.
+(index.errors) and a message in the request's terms (fields, not the CLI's flags:
+`service.in_request_terms`); a bug is a JSON 500 whose traceback stays in the log. Every GET
+route answers HEAD. Only requests whose Host names this server are answered (DNS rebinding),
+and a request from a web page (an Origin header) only from this server's own page or a
+`--cors` origin: /knn-service and /metadata take JSON sent as text/plain, which any page could
+otherwise post without a CORS preflight. JSON is written by `JSONAnswer`, so a file name that
+is not UTF-8 is escaped, not a 500. The API docs (/docs, /redoc) load Swagger UI and ReDoc
+from this server (the fastapi-offline package), not from a CDN, so they work offline; and a
+Content-Security-Policy on every HTML page keeps the browser from asking any other host.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -34,11 +38,21 @@ from .compat import compat
 from .media import DEFAULT_LIMITS, Limits
 from .models import JSONAnswer
 from .routes import api
-from .service import INDICES, Service
+from .service import INDICES, Service, in_request_terms
 
-__all__ = ["LOOPBACK", "create_app", "serve"]
+__all__ = ["LOOPBACK", "PAGE_POLICY", "create_app", "serve"]
 
 STATIC = Path(__file__).parent / "static"
+FAVICON = "/static/favicon.svg"
+# Swagger UI's validator badge would send the schema's URL to validator.swagger.io
+SWAGGER_UI = {"validatorUrl": None}
+# What a page of this server may load: only from this server. ReDoc's sidebar would show
+# Redocly's logo from its CDN (a call home on every view; the image hides itself when
+# refused); Swagger UI starts from an inline script and both style inline.
+PAGE_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+               "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+               "worker-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+               "frame-ancestors 'none'")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the Host names always answered
 log = logging.getLogger("clipdex.server")
 
@@ -65,7 +79,7 @@ def _invalid(errors: Sequence[dict]) -> JSONAnswer:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClipdexError)
     async def domain_error(_: Request, exc: ClipdexError) -> JSONAnswer:
-        return _error(exc.http_status, str(exc))
+        return _error(exc.http_status, in_request_terms(str(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(_: Request, exc: RequestValidationError) -> JSONAnswer:
@@ -205,6 +219,27 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
+class PagePolicy:
+    """Give every HTML page (the web page, /docs, /redoc) a Content-Security-Policy that keeps
+    the browser from loading anything from another host."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_policy(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or ())
+                if dict(headers).get(b"content-type", b"").startswith(b"text/html"):
+                    headers.append((b"content-security-policy", PAGE_POLICY.encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+        await self.app(scope, receive, with_policy)
+
+
 def _header(scope: dict, name: bytes) -> str:
     for key, value in scope.get("headers") or ():
         if key == name:
@@ -233,15 +268,21 @@ def create_app(searcher: Searcher, *, limits: Limits = DEFAULT_LIMITS,
         cors_origins: web origins allowed to call the API from a browser (e.g. a clip-front).
         allowed_hosts: the names (the Host header, port ignored) the server answers to.
     """
-    app = FastAPI(title="clipdex", version=__version__, default_response_class=JSONAnswer,
-                  description="CLIP search over a photo library and its captions, plus the "
-                              "clip-retrieval API (ClipClient, clip-front).")
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the
+    # fastapi-offline package (under /static-offline-docs), not from a CDN
+    app = FastAPIOffline(title="clipdex", version=__version__,
+                         default_response_class=JSONAnswer, favicon_url=FAVICON,
+                         swagger_ui_parameters=SWAGGER_UI,
+                         description="CLIP search over a photo library and its captions, "
+                                     "plus the clip-retrieval API (ClipClient, clip-front).")
     app.state.service = Service(searcher, limits)
     _add_error_handlers(app)
     app.include_router(api)
     app.include_router(compat)
     app.add_api_route("/", _index_page, include_in_schema=False)
+    app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(PagePolicy)
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -256,6 +297,11 @@ def create_app(searcher: Searcher, *, limits: Limits = DEFAULT_LIMITS,
 
 def _index_page() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def _favicon() -> FileResponse:
+    # browsers ask /favicon.ico of pages that name no icon (an image opened from the page)
+    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
 
 def serve(*, home: str | os.PathLike | None = None, db: str | None = None,
@@ -276,10 +322,20 @@ def serve(*, home: str | os.PathLike | None = None, db: str | None = None,
             echo(f"warning: listening on {host}: anyone who can reach it can search this "
                  f"library and fetch its images; it answers to the names {', '.join(names)} "
                  f"(add others with --allow-host NAME)")
-        echo(f"serving {searcher.library.settings.home} on http://{_netloc(host, port)}/ "
-             f"(API docs at /docs)")
         app = create_app(searcher, cors_origins=cors_origins, allowed_hosts=names)
-        uvicorn.run(app, host=host, port=port, log_level="info")
+
+        async def listening() -> None:  # said once the app starts, not before
+            echo(f"serving {searcher.library.settings.home} on http://{_netloc(host, port)}/ "
+                 f"(API docs at /docs)")
+
+        app.router.on_startup.append(listening)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="info")
+        except SystemExit as exc:  # uvicorn exits 3 when it cannot start (e.g. bind fails)
+            if not exc.code:
+                raise
+            raise ClipdexError(f"the server could not start on http://{_netloc(host, port)}/ "
+                               f"(uvicorn's reason is above)") from None
     finally:
         searcher.close()
 

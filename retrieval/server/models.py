@@ -21,6 +21,7 @@ __all__ = [
     "MAX_TEXT",
     "MAX_TOP",
     "CaptionRequest",
+    "ExamplesOut",
     "JSONAnswer",
     "KnnHit",
     "KnnRequest",
@@ -142,6 +143,12 @@ class SearchOut(BaseModel):
 
     query: QueryOut
     hits: list[HitOut]
+
+
+class ExamplesOut(BaseModel):
+    """Queries to try, taken from the library's own captions (none without captions)."""
+
+    examples: list[str]
 
 
 class KnnRequest(BaseModel):

@@ -1,5 +1,5 @@
 """clipdex's own API under /api: search (query string, JSON, multipart), captions for an
-image, indexed images and thumbnails by id, stats and health.
+image, indexed images and thumbnails by id, example queries, stats and health.
 
 Each route spells its request in HTTP's terms (query string, JSON body, form fields), which
 also makes the OpenAPI docs, and hands a `SearchParams` to the Service; what the routes return
@@ -23,6 +23,7 @@ from .models import (
     MAX_TERMS,
     MAX_TOP,
     CaptionRequest,
+    ExamplesOut,
     SearchOut,
     SearchRequest,
 )
@@ -129,6 +130,13 @@ def image_thumbnail(image_id: ImageId, service: ServiceDep,
 @api.get("/stats", summary="Library statistics (as `clipdex stats --json`)")
 def stats(service: ServiceDep) -> dict[str, Any]:
     return service.stats()
+
+
+@api.get("/examples", response_model=ExamplesOut,
+         summary="A few of the library's captions to try as queries")
+def examples(service: ServiceDep) -> dict[str, list[str]]:
+    """Up to five short captions of the library, spread over it; the web page's suggestions."""
+    return {"examples": service.examples()}
 
 
 @api.get("/health", summary="Liveness and library counts")

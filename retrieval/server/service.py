@@ -15,6 +15,7 @@ semaphore bounds the image decodes in flight.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +29,22 @@ from ..search import Searcher
 from .media import DEFAULT_LIMITS, Limits, OpenedImage, Thumbnails, decode_uploads, open_indexed
 from .models import MAX_TERMS, MAX_TEXT
 
-__all__ = ["INDICES", "TARGET_OF_MODALITY", "KnnParams", "SearchParams", "Service",
-           "search_query"]
+__all__ = ["FIELD_OF_FLAG", "INDICES", "TARGET_OF_MODALITY", "KnnParams", "SearchParams",
+           "Service", "in_request_terms", "search_query"]
 
 # clip-retrieval names indices; ours are the two vector indexes, mapped from `modality` too
 INDICES = {"images": "images", "captions": "captions"}
 TARGET_OF_MODALITY = {"image": "images", "text": "captions"}
 UrlFor = Callable[[int], str]
+
+# The pipeline's errors speak the CLI's language ("--top must be at least 1"); an HTTP client
+# sent the fields of /api/search, so its errors name those. Flags missing here (--expand,
+# --model, ...) are nothing a request can set, and stay as they are.
+FIELD_OF_FLAG = {"--not terms": "negatives", "--not": "negatives", "--image": "image",
+                 "--top": "top", "--offset": "offset", "--target": "target",
+                 "--threshold": "threshold", "--under": "under", "--dedup": "dedup"}
+_FLAG = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, FIELD_OF_FLAG)) + r")(?![\w-])")
+EXAMPLES, EXAMPLE_CHARS, EXAMPLE_CANDIDATES = 5, 60, 40  # short captions, spread over the library
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,22 @@ def search_query(params: SearchParams, uploads: Sequence[Decoded]) -> Query:
                  dedup=params.dedup)
 
 
+def in_request_terms(message: str) -> str:
+    """An error message for an HTTP client: CLI flags become request fields (FIELD_OF_FLAG)."""
+    return _FLAG.sub(lambda m: FIELD_OF_FLAG[m[1]], message)
+
+
+def pick_examples(captions: Sequence[str], *, count: int = EXAMPLES,
+                  max_chars: int = EXAMPLE_CHARS) -> list[str]:
+    """The first `count` distinct captions short enough to read as a query."""
+    chosen: dict[str, str] = {}
+    for text in captions:
+        text = " ".join(text.split())
+        if text and len(text) <= max_chars:
+            chosen.setdefault(text.casefold(), text)
+    return list(chosen.values())[:count]
+
+
 def check_sizes(params: SearchParams) -> None:
     """Refuse (TooLarge) a request over the term count or text length, before any work."""
     terms = len(params.texts) + len(params.images) + len(params.negatives)
@@ -99,6 +125,8 @@ class Service:
     searcher: Searcher
     limits: Limits = DEFAULT_LIMITS
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _examples: tuple[tuple[int, int], list[str]] | None = field(
+        default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.decodes = threading.BoundedSemaphore(self.limits.max_concurrent_decodes)
@@ -182,6 +210,21 @@ class Service:
     def thumbnail(self, image_id: int, *, size: int) -> bytes:
         with self.open_image(image_id) as image:
             return self.thumbnails.get(image, size=size)
+
+    def examples(self) -> list[str]:
+        """A few of the library's own captions to try as queries (none without captions).
+
+        Captions spread evenly over the library's caption ids, so not all from one folder;
+        kept until captions are added or removed (reading every id is a scan of the table).
+        """
+        key = (self.store.generation("caption"), self.store.count("caption"))
+        if self._examples is None or self._examples[0] != key:
+            ids = self.store.ids("caption")
+            step = max(1, len(ids) // EXAMPLE_CANDIDATES)
+            picked = self.store.captions(ids[::step][:EXAMPLE_CANDIDATES].tolist())
+            texts = [picked[i].text for i in sorted(picked)]
+            self._examples = (key, pick_examples(texts))
+        return self._examples[1]
 
     def stats(self) -> dict:
         return self.searcher.library.stats()

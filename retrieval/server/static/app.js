@@ -30,9 +30,10 @@ function chooseFile(file) {
   reader.readAsDataURL(file);
 }
 
-function showChosen(src, name) {
+function showChosen(src, name, title = "") {
   $("preview").src = src;
   $("chosen-name").textContent = name;
+  $("chosen-name").title = title;
   $("chosen").hidden = false;
   $("drop-hint").hidden = true;
 }
@@ -115,6 +116,7 @@ function render(data, more, ms) {
   results.className = data.query.target;
   if (!more) results.replaceChildren();
   for (const hit of data.hits) results.append(hit.kind === "image" ? imageCard(hit) : captionCard(hit));
+  $("examples").hidden = true; // suggestions are for the empty page
   const shown = results.children.length;
   const noun = data.query.target === "images" ? "image" : "caption";
   setStatus(shown ? `${shown} ${noun}${shown === 1 ? "" : "s"} · ${Math.round(ms)} ms`
@@ -140,14 +142,15 @@ function baseName(path) {
   return path ? path.split(/[\\/]/).pop() : "";
 }
 
-function similarButton(imageId) {
+function similarButton(hit) {
   const button = el("button", { className: "similar", type: "button", textContent: "similar",
                                 title: "Search for images like this one" });
   button.addEventListener("click", () => {
     state.image = null;
-    state.imageId = imageId;
+    state.imageId = hit.id;
     $("q").value = "";
-    showChosen(`/api/images/${imageId}/thumbnail?size=96`, `image ${imageId}`);
+    showChosen(`/api/images/${hit.id}/thumbnail?size=96`, baseName(hit.path) || `image ${hit.id}`,
+               hit.path || "");
     document.getElementById("target-images").checked = true;
     search();
   });
@@ -158,7 +161,7 @@ function imageCard(hit) {
   const meta = el("div", { className: "meta" },
     el("span", { className: "score", textContent: hit.score.toFixed(3) }),
     el("span", { className: "name", textContent: baseName(hit.path), title: hit.path || "" }),
-    similarButton(hit.id));
+    similarButton(hit));
   return el("article", { className: "hit image" }, thumbLink(hit.id, baseName(hit.path)), meta);
 }
 
@@ -186,6 +189,22 @@ async function loadStats() {
   } catch (err) { /* the page still works without the counts */ }
 }
 
+// a few of the library's own captions as clickable queries; none when it has no captions
+async function loadExamples() {
+  try {
+    const response = await fetch("/api/examples");
+    const data = await response.json();
+    if (!response.ok || !data.examples.length || state.lastBody) return;
+    for (const text of data.examples) {
+      const chip = el("button", { className: "example", type: "button", textContent: text,
+                                  title: `Search for “${text}”` });
+      chip.addEventListener("click", () => { $("q").value = text; search(); });
+      $("examples").append(chip);
+    }
+    $("examples").hidden = false;
+  } catch (err) { /* no suggestions, the page still works */ }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   wireDropZone();
   $("search").addEventListener("submit", (e) => { e.preventDefault(); search(); });
@@ -195,4 +214,5 @@ document.addEventListener("DOMContentLoaded", () => {
   $("top").addEventListener("change", () => { if (state.lastBody) search(); });
   $("more").addEventListener("click", () => search(true));
   loadStats();
+  loadExamples();
 });
