@@ -32,6 +32,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def searcher(library_dirs):
+    """A Searcher over the module's `library_dirs` (scenes folder, library home)."""
+    from retrieval import Searcher
+
+    s = Searcher.open(library_dirs[1])
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(searcher):
+    """The HTTP app over `searcher`, through FastAPI's client on a name the Host rule allows."""
+    from fastapi.testclient import TestClient
+
+    from retrieval.server import create_app
+
+    return TestClient(create_app(searcher), base_url="http://127.0.0.1",
+                      raise_server_exceptions=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_embedder():
     from index.embedder import get_embedder

@@ -61,18 +61,6 @@ def library_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def searcher(library_dirs: tuple[Path, Path]):
-    s = Searcher.open(library_dirs[1])
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def client(searcher: Searcher) -> TestClient:
-    return TestClient(create_app(searcher), base_url=LOCAL, raise_server_exceptions=False)
-
-
-@pytest.fixture(scope="module")
 def captions_by_file(library_dirs: tuple[Path, Path]) -> dict[str, str]:
     lines = (library_dirs[0] / "captions.jsonl").read_text().splitlines()
     return {json.loads(line)["path"]: json.loads(line)["caption"] for line in lines}

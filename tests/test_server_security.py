@@ -57,18 +57,6 @@ def library_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def searcher(library_dirs: tuple[Path, Path]):
-    s = Searcher.open(library_dirs[1])
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def client(searcher: Searcher) -> TestClient:
-    return TestClient(create_app(searcher), base_url=LOCAL, raise_server_exceptions=False)
-
-
-@pytest.fixture(scope="module")
 def ids(client: TestClient) -> dict[Path, int]:
     """Indexed file → its id."""
     hits = client.get("/api/search", params={"text": "a shape", "top": MAX_TOP}).json()["hits"]
