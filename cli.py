@@ -247,6 +247,11 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
                else "") + f" in {report.total_seconds:.1f}s"
             + (f" (model load {report.model_load_seconds:.1f}s)" if report.model_load_seconds
                else ""))
+        if report.queries.startswith("exported"):
+            click.echo(f"queries: {report.queries} to ONNX in {report.export_seconds:.1f}s "
+                       f"(searches start without torch)", err=True)
+        elif report.queries not in ("", "ready", "not needed"):
+            click.echo(f"queries: {report.queries}", err=True)
         for path, reason in report.failures[:20]:
             click.echo(f"  failed: {shown(path)}: {reason}", err=True)
         if len(report.failures) > 20:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["PLUGINS_ENV", "Embedder", "EmbedderFactory", "get_embedder", "is_embedder",
-           "register_embedder", "unregister_embedder"]
+           "register_embedder", "unregister_embedder", "uses_open_clip"]
 
 PLUGINS_ENV = "CLIPDEX_PLUGINS"
 
@@ -90,6 +90,12 @@ def get_embedder(spec: str, *, device: str | None = None, precision: str = "auto
 
         factory = ClipEmbedder.load
     return factory(spec, device=device, precision=precision, threads=threads)
+
+
+def uses_open_clip(spec: str) -> bool:
+    """Whether `spec` loads through open_clip (no registered embedder claims it)."""
+    _load_plugins()
+    return spec.strip().partition(":")[0] not in _FACTORIES
 
 
 def _load_plugins() -> None:

@@ -82,6 +82,8 @@ class IngestReport:
     index: dict = field(default_factory=dict)
     model_load_seconds: float = 0.0
     total_seconds: float = 0.0  # the whole call: model load, scan, embed, index files
+    queries: str = ""  # the ONNX query export: "ready", "exported…", or why queries use torch
+    export_seconds: float = 0.0  # of total_seconds, exporting the model for queries
 
     @property
     def failures_remain(self) -> bool:
@@ -97,6 +99,7 @@ class IngestReport:
             "failures_remain": self.failures_remain, "seconds": round(self.seconds, 3),
             "model_load_seconds": round(self.model_load_seconds, 3),
             "total_seconds": round(self.total_seconds, 3),
+            "queries": self.queries, "export_seconds": round(self.export_seconds, 3),
             "images_per_second": round((self.new + self.changed) / self.seconds, 2)
             if self.seconds else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],

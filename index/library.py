@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .atomic import remove_stale_temps
 from .captions import MAX_CAPTION_CHARS, CaptionReport, add_captions
-from .embedder import Embedder, get_embedder
-from .errors import EmptyLibrary, LibraryUnavailable, NoLibrary
+from .embedder import Embedder, get_embedder, uses_open_clip
+from .errors import ClipdexError, EmptyLibrary, LibraryUnavailable, ModelUnavailable, NoLibrary
 from .ingest import IngestProgress, IngestReport, ProgressFn, ingest_images
 from .settings import DEFAULT_MODEL, Settings
 from .store import Store, StoredFailure, check_model
@@ -81,6 +81,124 @@ class Library:
             self._embedders[key] = get_embedder(spec, precision=precision)
         return self._embedders[key]
 
+    def query_embedder(self, *, precision: str | None = None,
+                       notify: Callable[[str], None] | None = None) -> Embedder:
+        """The embedder queries use: the library's model on ONNX Runtime (no torch import)
+        where its export passed the probe, exported first when missing; else torch.
+
+        `notify` hears, once each, why a tower runs on torch and when an export is made or
+        found damaged. Settings.runtime "torch" always uses torch, "onnx" never does.
+        """
+        recorded = self.store.model_fingerprint()
+        if recorded is None:
+            raise EmptyLibrary(f"the library at {self.settings.home} is empty: add images "
+                               f"with `clipdex index PATH` first")
+        spec, dim = recorded
+        precision = precision or self.settings.precision
+        runtime = self.settings.runtime
+        if runtime == "torch" or not uses_open_clip(spec) or (
+                precision == "bf16" and runtime == "auto"):
+            return self.embedder(spec, precision=precision)
+        key = ("onnx:" + spec, precision)
+        if key not in self._embedders:
+            self._embedders[key] = self._onnx_embedder(spec, dim, precision, notify)
+        return self._embedders[key]
+
+    def _onnx_embedder(self, spec: str, dim: int, precision: str,
+                       notify: Callable[[str], None] | None) -> Embedder:
+        from .onnx_runtime import ExportUnusable, OnnxEmbedder, export_folder, read_manifest
+
+        say = notify or (lambda message: None)
+        strict = self.settings.runtime == "onnx"
+        folder = export_folder(self.settings.home, spec, dim)
+        try:
+            manifest = read_manifest(folder, spec, dim)
+        except ExportUnusable as why:
+            manifest = self._export(spec, dim, f"the ONNX export is {why}", say, strict)
+            if manifest is None:
+                return self.embedder(spec, precision=precision)
+        told: set[str] = set()
+
+        def fallback() -> Embedder:
+            if strict:
+                raise ModelUnavailable("CLIPDEX_RUNTIME=onnx, but a tower of this library's "
+                                       "model is not exported: " + _tower_errors(manifest))
+            return self.embedder(spec, precision=precision)
+
+        def tell(reason: str) -> None:  # a tower on torch: said once per process
+            if reason not in told:
+                told.add(reason)
+                say(reason)
+
+        def damaged(reason: str) -> None:
+            from .onnx_export import remove_export
+
+            tell(f"the ONNX export of {spec} is damaged ({reason}): this query uses torch, "
+                 f"the next one exports it again")
+            from .onnx_runtime import shared_folder
+
+            for damaged_folder in (folder, shared_folder(folder)):  # the files may be links
+                remove_export(damaged_folder)
+
+        return OnnxEmbedder(folder, manifest, precision=precision, fallback=fallback,
+                            notify=tell, damaged=damaged)
+
+    def _export(self, spec: str, dim: int, why: str, say: Callable[[str], None],
+                strict: bool = False) -> dict | None:
+        """Export the model for queries now; its manifest, or None (said) to use torch."""
+        from .onnx_runtime import (
+            ExportUnusable,
+            export_folder,
+            read_manifest,
+            share_export,
+            shared_folder,
+        )
+
+        folder = export_folder(self.settings.home, spec, dim)
+        manifest = share_export(shared_folder(folder), folder, spec, dim)
+        if manifest is not None:  # another library of this model exported it already
+            return manifest
+        try:
+            from .onnx_export import export_model
+
+            self._embedders.clear()  # the write path's model: not needed now, and large
+            folder, _ = export_model(self.settings.home, spec)
+            share_export(folder, shared_folder(folder), spec, dim)
+            return read_manifest(folder, spec, dim)
+        except ClipdexError:
+            raise
+        except (Exception, ExportUnusable) as exc:  # the exporter's and onnxruntime's errors
+            message = (f"{why} and exporting it failed ({type(exc).__name__}: "
+                       f"{str(exc).strip()[:200]}): queries use torch")
+            if strict:
+                raise ModelUnavailable(message) from None
+            say(message)
+            return None
+
+    def prepare_queries(self, progress: Callable[[str], None] | None = None) -> str:
+        """Export the model for the torch-free query runtime when that is not done yet (the
+        end of `index` and `captions add` calls this); says what it did."""
+        from .onnx_runtime import ExportUnusable, export_folder, read_manifest
+
+        recorded = self.store.model_fingerprint()
+        if recorded is None or self.settings.runtime == "torch" or not uses_open_clip(
+                recorded[0]):
+            return "not needed"
+        spec, dim = recorded
+        try:
+            read_manifest(export_folder(self.settings.home, spec, dim), spec, dim)
+            return "ready"
+        except ExportUnusable:
+            pass
+        if progress:
+            progress("exporting the model to ONNX for fast queries")
+        said: list[str] = []
+        manifest = self._export(spec, dim, "the ONNX export is missing", said.append)
+        if manifest is None:
+            return said[0]
+        errors = _tower_errors(manifest)
+        return "exported" + (f" (on torch: {errors})" if errors else "")
+
     def _claim(self, model: str | None, precision: str | None) -> Embedder:
         model = model or self.settings.model
         recorded = self.model
@@ -136,6 +254,9 @@ class Library:
                                   progress=note)
         captions = VectorIndex.open(self.store, "caption", dim, self.settings.index_dir,
                                     save=True)
+        export_started = time.perf_counter()
+        queries = self.prepare_queries(note)
+        export_seconds = time.perf_counter() - export_started
         from dataclasses import replace
 
         load = sum(loading)
@@ -143,7 +264,8 @@ class Library:
         return replace(report, index={"images": images.describe(),
                                       "captions": captions.describe()},
                        seconds=max(0.0, report.seconds - lazy), model_load_seconds=load,
-                       total_seconds=time.perf_counter() - started)
+                       total_seconds=time.perf_counter() - started, queries=queries,
+                       export_seconds=export_seconds)
 
     def add_captions(self, path: str | os.PathLike, *, format: str | None = None,
                      model: str | None = None, precision: str | None = None,
@@ -153,6 +275,7 @@ class Library:
         report = add_captions(self.store, embedder, Path(path), fmt=format, max_chars=max_chars,
                               progress=progress)
         VectorIndex.open(self.store, "caption", embedder.dim, self.settings.index_dir, save=True)
+        self.prepare_queries()
         return report
 
     # --- read side helpers ------------------------------------------------------------------
@@ -192,6 +315,12 @@ class Library:
             "index": index_info,
             "bytes": _disk_bytes(self.settings),
         }
+
+
+def _tower_errors(manifest: dict) -> str:
+    """Why towers were not exported: "image: reason; …" ("" when both were)."""
+    return "; ".join(f"{tower}: {info['error']}" for tower, info in
+                     manifest.get("towers", {}).items() if info.get("error"))
 
 
 def _factory_name(index) -> str:

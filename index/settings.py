@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import UsageProblem
 
-__all__ = ["DECODE_NICE", "DEFAULT_MODEL", "ENVIRONMENT", "PRECISIONS", "Settings",
+__all__ = ["DECODE_NICE", "DEFAULT_MODEL", "ENVIRONMENT", "PRECISIONS", "RUNTIMES", "Settings",
            "default_home"]
 
 # What a user with a network gets by default. These machines cannot download it: `--model tiny`.
@@ -24,7 +24,11 @@ ENVIRONMENT = {
     "home": "CLIPDEX_HOME", "db_url": "CLIPDEX_DB", "model": "CLIPDEX_MODEL",
     "precision": "CLIPDEX_PRECISION", "workers": "CLIPDEX_WORKERS",
     "decode_gate": "CLIPDEX_DECODE_GATE", "decode_nice": "CLIPDEX_DECODE_NICE",
+    "runtime": "CLIPDEX_RUNTIME",
 }
+# How queries encode: "auto" on ONNX Runtime where the model's export passed its probe (else
+# torch, with a notice), "onnx" never torch (an error instead), "torch" always torch.
+RUNTIMES = ("auto", "onnx", "torch")
 
 
 def default_home() -> Path:
@@ -46,6 +50,7 @@ class Settings:
         workers: decode threads; None: one per core.
         decode_gate: on a CPU, decoders and the model take turns (index.ingest._Turns).
         decode_nice: how much nicer decode threads run than the model's.
+        runtime: how queries encode, one of RUNTIMES.
     """
 
     home: Path
@@ -55,6 +60,7 @@ class Settings:
     workers: int | None = None
     decode_gate: bool = True
     decode_nice: int = DECODE_NICE
+    runtime: str = "auto"
 
     @classmethod
     def resolve(cls, home: str | os.PathLike | None = None, db_url: str | None = None, *,
@@ -76,6 +82,10 @@ class Settings:
         if chosen_precision not in PRECISIONS:
             raise UsageProblem(f"precision must be one of {', '.join(PRECISIONS)}, not "
                                f"{chosen_precision!r}" + _from_env("precision", precision))
+        runtime = env.get(ENVIRONMENT["runtime"], "").strip().lower() or "auto"
+        if runtime not in RUNTIMES:
+            raise UsageProblem(f"{ENVIRONMENT['runtime']} must be one of {', '.join(RUNTIMES)}, "
+                               f"not {runtime!r}")
         return cls(
             home=Path(home).expanduser().resolve(),
             db_url=pick("db_url", db_url),
@@ -85,6 +95,7 @@ class Settings:
             decode_gate=_flag(env.get(ENVIRONMENT["decode_gate"]), "decode_gate", True),
             decode_nice=_default(_int(env.get(ENVIRONMENT["decode_nice"], "").strip() or None,
                                       "decode_nice", minimum=0), DECODE_NICE),
+            runtime=runtime,
         )
 
     @property

@@ -91,7 +91,7 @@ class Searcher:
         if self.library.model is None:
             raise EmptyLibrary(f"the library at {self.library.settings.home} is empty: add "
                                f"images with `clipdex index PATH` first")
-        return self.library.embedder(precision=self.precision)
+        return self.library.query_embedder(precision=self.precision, notify=self.notify)
 
     def index_for(self, target: str) -> VectorIndex:
         """The target's vector index, caught up with the store (in memory) when it changed."""

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import clipdex_test_embedder  # noqa: F401  (registers the `test` embedder)
@@ -12,6 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # huggingface_hub reads this once, at import (which may happen while tests are collected)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The per-user cache (platformdirs honours XDG_CACHE_HOME), shared by the whole session and
+# its subprocesses and never the user's own: libraries of one model share one ONNX export.
+SESSION_CACHE = tempfile.mkdtemp(prefix="clipdex-test-cache-")
+os.environ["XDG_CACHE_HOME"] = SESSION_CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

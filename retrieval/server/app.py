@@ -315,7 +315,8 @@ def serve(*, home: str | os.PathLike | None = None, db: str | None = None,
     import uvicorn
 
     names = list(dict.fromkeys([*LOOPBACK, host, *allowed_hosts]))
-    searcher = Searcher.open(home, db=db, precision=precision)
+    searcher = Searcher.open(home, db=db, precision=precision,
+                             notify=lambda message: echo(f"warning: {message}"))
     try:
         _warm(searcher)
         if host not in LOOPBACK:
@@ -344,7 +345,13 @@ def _warm(searcher: Searcher) -> None:
     """Load the model and indexes now, so the first query is not the slow one."""
     if searcher.library.model is None:
         return  # an empty library: queries say so until `clipdex index` fills it
-    searcher.embedder.encode_texts(["warm up"])  # loads the weights, runs one pass
+    embedder = searcher.embedder
+    embedder.encode_texts(["warm up"])  # loads the text tower, runs one pass
+    if getattr(embedder, "runs_on_onnx", lambda tower: False)("image"):  # its own session
+        from PIL import Image
+
+        size = embedder.image_size
+        embedder.encode_images([Image.new("RGB", (size, size))])
     for target in INDICES:
         searcher.index_for(target)
 

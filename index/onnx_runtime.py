@@ -1,0 +1,323 @@
+"""The torch-free query runtime: a library's model as ONNX files run by ONNX Runtime.
+
+A query process (`clipdex search`, `clipdex caption`, `Searcher`, `clipdex serve`) must not pay
+torch's ~5 s import to encode one text. `index.onnx_export` writes each tower of the library's
+model to ONNX (checked against torch on a probe) with the tokenizer's vocabulary and the image
+transform beside them, in `HOME/onnx/<key>/`; this module loads them with onnxruntime, numpy,
+PIL and `index.clip_tokenizer` only. Each tower's session is created on its first use, so a text
+query never loads the image tower.
+
+A tower that was not exported (the tokenizer or transform cannot be reproduced without torch, or
+the export failed its probe) is encoded by the torch embedder, loaded only when that tower is
+used: vectors are never silently different.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .embedder import Embedder
+
+__all__ = ["EXPORT_FORMAT", "MANIFEST", "ExportUnusable", "OnnxEmbedder",
+           "export_folder", "read_manifest", "share_export", "shared_folder", "weights_stamp"]
+
+# Bump when what index.onnx_export writes changes shape: older exports are then redone.
+EXPORT_FORMAT = 1
+MANIFEST = "manifest.json"  # written last: a folder without it is an unfinished export
+
+
+class ExportUnusable(Exception):
+    """An export that is missing, unfinished, from another model, or damaged (the reason)."""
+
+
+@dataclass(frozen=True)
+class _Device:
+    type: str = "cpu"
+
+
+def weights_stamp(spec: str) -> list | None:
+    """What tells two versions of a model's weights on disk apart, without reading them: the
+    size and mtime of each weight file for `tiny`, `local-dir:` and `ARCH:/path` specs. None
+    for downloaded weights (named by their pretrained tag) and random ones."""
+    from .clip import TINY_DIR
+
+    spec = spec.strip()
+    if spec == "tiny":
+        folder: Path | None = TINY_DIR
+    elif spec.startswith("local-dir:"):
+        folder = Path(spec.removeprefix("local-dir:"))
+    elif os.path.isdir(spec):
+        folder = Path(spec)
+    else:
+        folder = None
+    if folder is not None:
+        files = sorted(p for p in folder.glob("*") if p.is_file())
+    else:
+        tag = spec.partition(":")[2]
+        files = [Path(tag)] if tag and os.path.isfile(tag) else []
+    stamp: list = []
+    if spec.endswith(":random"):  # random weights are torch's seeded init: the versions count
+        from importlib.metadata import PackageNotFoundError, version
+
+        for package in ("torch", "open_clip_torch"):
+            try:
+                stamp.append([package, version(package)])
+            except PackageNotFoundError:
+                pass
+    for path in files:
+        st = path.stat()
+        stamp.append([path.name, st.st_size, st.st_mtime_ns])
+    return stamp or None
+
+
+def export_folder(home: Path, spec: str, dim: int) -> Path:
+    """Where the export of model `spec` (of dimension `dim`) lives in a library home."""
+    key = json.dumps([EXPORT_FORMAT, spec, int(dim), weights_stamp(spec)])
+    return home / "onnx" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def read_manifest(folder: Path, spec: str, dim: int) -> dict:
+    """The finished export's manifest; ExportUnusable says why there is none to use."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportUnusable("not exported yet") from None
+    except (OSError, ValueError) as exc:
+        raise ExportUnusable(f"its manifest cannot be read ({exc})") from None
+    if (not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT
+            or manifest.get("spec") != spec or manifest.get("dim") != int(dim)
+            or manifest.get("weights") != weights_stamp(spec)):
+        raise ExportUnusable("it was made for another model or by another clipdex")
+    return manifest
+
+
+def shared_folder(folder: Path) -> Path:
+    """The per-user cache's copy of an export folder (same key): a second library of the same
+    model links it instead of exporting again."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("clipdex", appauthor=False)) / "onnx" / folder.name
+
+
+def share_export(source: Path, target: Path, spec: str, dim: int) -> dict | None:
+    """Put the finished export in `source` into `target` (hard links where the file system
+    allows, else copies; the manifest last); its manifest, or None when `source` holds no
+    usable export or the copy failed. Torch-free: a query can take a shared export."""
+    import shutil
+
+    from .atomic import atomic_write
+
+    try:
+        manifest = read_manifest(source, spec, dim)
+    except ExportUnusable:
+        return None
+    names = [manifest["tokenizer"]["vocab"]] if manifest.get("tokenizer") else []
+    for info in manifest.get("towers", {}).values():
+        for entry in (info.get("files") or {}).values():
+            if (source / entry["name"]).stat().st_size != entry["size"]:
+                return None
+            names.append(entry["name"])
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in [*names, MANIFEST]:
+            final = target / name
+            final.unlink(missing_ok=True)
+            try:
+                os.link(source / name, final)
+            except OSError:
+                atomic_write(final, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+    except OSError:
+        return None
+    return manifest
+
+
+class OnnxEmbedder:
+    """The Embedder protocol over ONNX Runtime sessions of an exported model.
+
+    Args:
+        folder: the export folder (see `export_folder`); manifest: its manifest.
+        precision: "auto" (per tower what the export chose: int8 where it passed the probe and
+            ran faster, else fp32), "fp32", or "int8" (where an int8 file exists).
+        fallback: loads the torch embedder, for a tower the export does not cover.
+        notify: told why, when a tower the export does not cover is first used.
+        damaged: told (with the reason) when an exported file turns out missing or damaged;
+            that tower then runs on `fallback`.
+        threads: ONNX Runtime intra-op threads (None: its default, one per core).
+    """
+
+    def __init__(self, folder: Path, manifest: dict, *, precision: str = "auto",
+                 fallback: Callable[[], "Embedder"] | None = None,
+                 notify: Callable[[str], None] | None = None,
+                 damaged: Callable[[str], None] | None = None,
+                 threads: int | None = None) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.spec: str = manifest["spec"]
+        self.dim: int = int(manifest["dim"])
+        self.image_size: int = int(manifest["image_size"])
+        self.device = _Device()
+        self._fallback = fallback
+        self._notify = notify
+        self._damaged = damaged
+        self._threads = threads
+        self._towers: dict[str, dict] = manifest.get("towers", {})
+        self._choice = {tower: self._pick(tower, precision) for tower in ("text", "image")}
+        self.precision = "onnx-" + "/".join(
+            f"{t}:{c or 'torch'}" for t, c in self._choice.items())
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._torch: "Embedder | None" = None
+        self._tokenizer = None
+        self._prep = None
+
+    def _pick(self, tower: str, precision: str) -> str | None:
+        """Which file of `tower` to run ("fp32", "int8"), or None for torch."""
+        info = self._towers.get(tower) or {}
+        files = info.get("files") or {}
+        if "fp32" not in files:
+            return None
+        if precision == "fp32":
+            return "fp32"
+        if precision == "int8":
+            return "int8" if "int8" in files else "fp32"
+        return info.get("use", "fp32") if info.get("use") in files else "fp32"
+
+    def runs_on_onnx(self, tower: str) -> bool:
+        return self._choice.get(tower) is not None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(self.manifest["fingerprint"])
+
+    # --- sessions ---------------------------------------------------------------------------
+    def _session(self, tower: str):
+        """The tower's session, opened on first use; None when its file turned out unusable
+        (the tower then runs on torch from here on)."""
+        with self._lock:
+            if tower not in self._sessions:
+                try:
+                    self._sessions[tower] = self._open(tower)
+                except ExportUnusable as exc:
+                    self._choice[tower] = None
+                    if self._damaged is None:
+                        raise
+                    self._damaged(str(exc))
+                    return None
+            return self._sessions[tower]
+
+    def _open(self, tower: str):
+        import onnxruntime as ort
+
+        entry = self._towers[tower]["files"][self._choice[tower]]
+        path = self.folder / entry["name"]
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ExportUnusable(f"{path.name} is missing ({exc.strerror})") from None
+        if size != entry["size"]:
+            raise ExportUnusable(f"{path.name} is damaged ({size} bytes, "
+                                 f"{entry['size']} expected)")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its warnings are not the user's business
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ExportUnusable(f"{path.name} cannot be loaded "
+                                 f"({str(exc).strip().splitlines()[0][:200]})") from None
+
+    def _torch_embedder(self, tower: str | None = None) -> "Embedder":
+        """The torch embedder, for `tower` when the export does not cover it (said once)."""
+        error = (self._towers.get(tower) or {}).get("error") if tower else None
+        if error and self._notify:
+            self._notify(f"{tower} queries use torch (a slower start): {error}")
+        if self._torch is None:
+            if self._fallback is None:
+                raise ExportUnusable("a tower is not exported and no torch fallback is set")
+            self._torch = self._fallback()
+        return self._torch
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .clip_tokenizer import ClipTokenizer
+
+            self._tokenizer = ClipTokenizer.from_config(self.manifest["tokenizer"], self.folder)
+        return self._tokenizer
+
+    @property
+    def image_prep(self):
+        if self._prep is None:
+            from .image_prep import ImagePrep
+
+            self._prep = ImagePrep(self.manifest["preprocess"])
+        return self._prep
+
+    # --- the Embedder protocol --------------------------------------------------------------
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
+        """Strings → N×dim unit vectors; each batch runs up to its last end-of-text token."""
+        if not self.runs_on_onnx("text"):
+            return self._torch_embedder("text").encode_texts(texts)
+        if not len(texts):
+            return np.empty((0, self.dim), np.float32)
+        tokens = self.tokenizer(list(texts)).astype(np.int64, copy=False)
+        ends = tokens.argmax(axis=-1)  # the end-of-text id is the vocabulary's largest
+        order = np.argsort(ends, kind="stable")
+        session = self._session("text")
+        if session is None:
+            return self._torch_embedder().encode_texts(texts)
+        out = np.empty((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            length = int(ends[rows].max()) + 1
+            out[rows] = session.run(None, {"tokens": tokens[rows, :length]})[0]
+        return _unit(out)
+
+    def prepare(self, image: "Image.Image") -> np.ndarray:
+        if not self.runs_on_onnx("image"):
+            return self._torch_embedder("image").prepare(image)
+        return self.image_prep.pil_steps(image)
+
+    def collate(self, items: Sequence[Any]) -> Any:
+        if not self.runs_on_onnx("image"):
+            return self._torch_embedder("image").collate(items)
+        return self.image_prep.finish(np.stack(items))
+
+    def encode_image_tensors(self, batch: Any) -> np.ndarray:
+        if not self.runs_on_onnx("image"):
+            return self._torch_embedder("image").encode_image_tensors(batch)
+        session = self._session("image")
+        if session is None:  # the batch was prepared for ONNX: torch takes the same tensor
+            import torch
+
+            return self._torch_embedder().encode_image_tensors(torch.from_numpy(batch))
+        pixels = np.ascontiguousarray(batch, np.float32)
+        return _unit(session.run(None, {"pixels": pixels})[0])
+
+    def encode_images(self, images: Sequence["Image.Image"], *, batch_size: int = 64) -> np.ndarray:
+        """PIL images (any mode) → N×dim unit vectors."""
+        if not self.runs_on_onnx("image"):
+            return self._torch_embedder("image").encode_images(images)
+        out = [np.empty((0, self.dim), np.float32)]
+        for start in range(0, len(images), batch_size):
+            chunk = [self.prepare(im.convert("RGB")) for im in images[start:start + batch_size]]
+            out.append(self.encode_image_tensors(self.collate(chunk)))
+        return np.concatenate(out)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)

@@ -1,0 +1,286 @@
+"""The torch-free query runtime: the checked ONNX export, queries that never import torch, and
+what happens when an export is missing, damaged, incomplete or does not cover a tower."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from index import Library
+from index.onnx_runtime import MANIFEST, OnnxEmbedder, export_folder, read_manifest
+from index.synthetic.scenes import caption_for, render, sample_scene
+from retrieval import Searcher
+
+REPO = Path(__file__).resolve().parents[1]
+TORCH_MODULES = ("torch", "torchvision", "open_clip")
+
+
+def _photos(folder: Path, n: int = 12, seed: int = 4) -> list[Path]:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"p{i:02d}.jpg"
+        render(sample_scene(rng), 96 + 7 * i).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny library whose `index` run exported the model (it shares the session's cache)."""
+    root = tmp_path_factory.mktemp("onnx")
+    photos = _photos(root / "photos")
+    captions = root / "captions.csv"
+    rng = random.Random(7)
+    captions.write_text("path,caption\n" + "".join(
+        f"{p},{caption_for(sample_scene(rng), i)}\n" for i, p in enumerate(photos)))
+    with Library.open(root / "home") as lib:
+        report = lib.index([root / "photos"], model="tiny")
+        lib.add_captions(captions)
+    return root / "home", photos, report
+
+
+def _run(args: list[str], home: Path, env: dict | None = None, code: str | None = None):
+    """`clipdex --home HOME ARGS` in a fresh interpreter; stdout/stderr plus which of
+    torch/torchvision/open_clip it imported (the last stdout line)."""
+    script = code or (
+        "import sys, cli\n"
+        f"sys.argv = ['clipdex', '--home', {str(home)!r}, *{args!r}]\n"
+        "code = 0\ntry:\n    cli.main()\nexcept SystemExit as exit:\n    code = exit.code\n"
+        f"print(sorted(m for m in sys.modules if m in {TORCH_MODULES!r}))\n"
+        "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, **(env or {})}, timeout=300)
+    lines = result.stdout.strip().splitlines()
+    return result, lines[:-1], json.loads(lines[-1].replace("'", '"')) if lines else None
+
+
+def _manifest(home: Path) -> tuple[Path, dict]:
+    folder = export_folder(home, "tiny", 128)
+    return folder, read_manifest(folder, "tiny", 128)
+
+
+def test_index_exports_both_towers_checked_against_torch(library) -> None:
+    home, _, report = library
+    assert report.queries.startswith("exported") or report.queries == "ready"
+    folder, manifest = _manifest(home)
+    for tower in ("text", "image"):
+        info = manifest["towers"][tower]
+        assert "error" not in info, info
+        assert info["probe_cosine"]["fp32"] >= 0.9999
+        assert info["use"] in info["files"] and len(info["files"]) == 1  # only what auto runs
+        if info["use"] == "int8":  # kept only when it passed the probe and ran faster
+            assert info["probe_cosine"]["int8"] >= 0.999
+            assert info["ms"]["int8"] < info["ms"]["fp32"]
+        entry = info["files"][info["use"]]
+        assert (folder / entry["name"]).stat().st_size == entry["size"]
+    assert (folder / manifest["tokenizer"]["vocab"]).is_file()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_onnx_vectors_match_torch_fp32_on_new_texts_and_images(library, tmp_path) -> None:
+    from index.clip import ClipEmbedder
+
+    home, photos, _ = library
+    folder, manifest = _manifest(home)
+    onnx = OnnxEmbedder(folder, manifest, precision="fp32")
+    torch_fp32 = ClipEmbedder.load("tiny", precision="fp32", device="cpu")
+    rng = random.Random(99)
+    texts = [caption_for(sample_scene(rng), i) for i in range(40)] + [
+        "", "a", "Ünïcödé straße 😀 東京", "x " * 200, "10:00 alarm clock"]
+    cosines = (onnx.encode_texts(texts) * torch_fp32.encode_texts(texts)).sum(1)
+    assert cosines.min() >= 0.9999, cosines.min()
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in photos] + [
+        Image.new("RGB", (3, 500), "red"), Image.new("RGB", (1000, 20), "blue")]
+    ours = OnnxEmbedder(folder, manifest, precision="auto").encode_images(images)
+    cosines = (ours * torch_fp32.encode_images(images)).sum(1)
+    limit = 0.9999 if manifest["towers"]["image"]["use"] == "fp32" else 0.999
+    assert cosines.min() >= limit, cosines.min()
+
+
+def test_text_image_caption_and_python_queries_never_import_torch(library) -> None:
+    home, photos, _ = library
+    result, lines, imported = _run(["search", "a red circle", "--top", "3"], home)
+    assert result.returncode == 0, result.stderr
+    assert len(lines) == 3 and imported == [], (imported, result.stderr)
+    result, lines, imported = _run(["search", "--image", str(photos[0]), "2:a star",
+                                    "--not", "blue", "--top", "2", "--json"], home)
+    assert result.returncode == 0 and imported == [], (imported, result.stderr)
+    assert len(json.loads("\n".join(lines))["hits"]) == 2
+    result, lines, imported = _run(["caption", str(photos[1]), "--top", "2"], home)
+    assert result.returncode == 0 and len(lines) == 2 and imported == [], result.stderr
+    result, lines, imported = _run(["search", "a red circle", "--target", "captions"], home)
+    assert result.returncode == 0 and lines and imported == [], result.stderr
+    code = ("import sys\nfrom retrieval import Searcher\n"
+            f"s = Searcher.open({str(home)!r})\n"
+            "hits = s.search('a square', k=2).hits + s.search(image="
+            f"{str(photos[2])!r}, k=2).hits\nprint(len(hits))\n"
+            f"print(sorted(m for m in sys.modules if m in {TORCH_MODULES!r}))\n")
+    result, lines, imported = _run([], home, code=code)
+    assert result.returncode == 0 and lines == ["4"] and imported == [], result.stderr
+
+
+def test_the_same_hits_as_the_torch_path(library) -> None:
+    home, photos, _ = library
+    fast, _, _ = _run(["search", "a yellow ring", "--top", "5", "--paths"], home)
+    slow, _, imported = _run(["search", "a yellow ring", "--top", "5", "--paths"], home,
+                             env={"CLIPDEX_RUNTIME": "torch", "CLIPDEX_PRECISION": "fp32"})
+    assert "torch" in imported
+    assert fast.stdout.splitlines()[:5] == slow.stdout.splitlines()[:5]
+
+
+def _copy_library(library, tmp_path: Path) -> Path:
+    import shutil
+
+    home, _, _ = library
+    shutil.copytree(home, tmp_path / "home")
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_export_falls_back_once_then_is_exported_again(library, tmp_path, damage,
+                                                                 monkeypatch) -> None:
+    home = _copy_library(library, tmp_path)
+    folder, manifest = _manifest(home)
+    text = folder / manifest["towers"]["text"]["files"][manifest["towers"]["text"]["use"]]["name"]
+    if damage == "truncate":
+        os.truncate(text, text.stat().st_size // 2)
+    else:  # same size, not a model
+        size = text.stat().st_size
+        text.unlink()  # (a hard link to the shared cache: do not write through it)
+        text.write_bytes(b"\0" * size)
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # no shared copy to take
+    result, lines, _ = _run(["search", "a red circle", "--top", "2"], home, env=cache)
+    assert result.returncode == 0 and len(lines) == 2, result.stderr
+    notices = [line for line in result.stderr.splitlines() if "damaged" in line]
+    assert len(notices) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert text.name in notices[0]
+    assert not (folder / MANIFEST).exists()  # the next query exports again (in-process here)
+    monkeypatch.setenv("XDG_CACHE_HOME", cache["XDG_CACHE_HOME"])
+    searcher = Searcher.open(home)
+    assert len(searcher.search("a red circle", k=2).hits) == 2
+    assert isinstance(searcher.embedder, OnnxEmbedder) and searcher.embedder.runs_on_onnx("text")
+    searcher.close()
+    read_manifest(folder, "tiny", 128)
+
+
+def test_a_missing_export_is_made_by_the_first_query(library, tmp_path) -> None:
+    home = _copy_library(library, tmp_path)
+    import shutil
+
+    shutil.rmtree(home / "onnx")
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result, lines, imported = _run(["search", "a red circle", "--top", "2"], home, env=cache)
+    assert result.returncode == 0 and len(lines) == 2 and "torch" in imported
+    _manifest(home)
+    result, lines, imported = _run(["search", "a red circle", "--top", "2"], home, env=cache)
+    assert result.returncode == 0 and imported == []
+    # a second library of the same model takes the per-user cache's copy: no torch at all
+    other = tmp_path / "other"
+    shutil.copytree(home, other)
+    shutil.rmtree(other / "onnx")
+    result, lines, imported = _run(["search", "a red circle", "--top", "2"], other, env=cache)
+    assert result.returncode == 0 and imported == [], result.stderr
+    assert (export_folder(other, "tiny", 128) / MANIFEST).is_file()
+
+
+def test_a_tower_the_export_does_not_cover_runs_on_torch_said_once(library, tmp_path) -> None:
+    home = _copy_library(library, tmp_path)
+    folder, manifest = _manifest(home)
+    manifest["towers"]["image"] = {"error": "its image transform cannot be reproduced "
+                                            "without torch"}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    _, photos, _ = library
+    result, lines, imported = _run(["search", "--image", str(photos[0]), "--image",
+                                    str(photos[1]), "--top", "2"], home)
+    assert result.returncode == 0 and len(lines) == 2 and "torch" in imported
+    notices = [line for line in result.stderr.splitlines() if "use torch" in line]
+    assert len(notices) == 1 and "image transform" in notices[0], result.stderr
+    result, _, imported = _run(["search", "a red circle"], home)  # text: still torch-free
+    assert result.returncode == 0 and imported == [] and not result.stderr.strip()
+    result, _, _ = _run(["search", "--image", str(photos[0])], home,
+                        env={"CLIPDEX_RUNTIME": "onnx"})
+    assert result.returncode == 1 and "CLIPDEX_RUNTIME=onnx" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_export_killed_midway_leaves_nothing_a_reader_uses(library, tmp_path,
+                                                              monkeypatch) -> None:
+    from index import onnx_export
+
+    home = _copy_library(library, tmp_path)
+    import shutil
+
+    shutil.rmtree(home / "onnx")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a Ctrl-C between the two towers would
+
+    original = onnx_export._image_plan
+    monkeypatch.setattr(onnx_export, "_image_plan", killed)
+    with Library.open(home) as lib, pytest.raises(KeyboardInterrupt):
+        lib.prepare_queries()
+    folder = export_folder(home, "tiny", 128)
+    assert not (folder / MANIFEST).exists()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(onnx_export, "_image_plan", original)
+    with Library.open(home) as lib:
+        assert lib.prepare_queries().startswith("exported")
+    _manifest(home)
+
+
+def test_a_new_export_format_or_other_weights_export_again(library, tmp_path,
+                                                           monkeypatch) -> None:
+    from index import onnx_runtime
+
+    home, _, _ = library
+    before = export_folder(home, "tiny", 128)
+    monkeypatch.setattr(onnx_runtime, "EXPORT_FORMAT", onnx_runtime.EXPORT_FORMAT + 1)
+    assert export_folder(home, "tiny", 128) != before
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_runtime, "weights_stamp", lambda spec: [["w", 1, 2]])
+    assert export_folder(home, "tiny", 128) != before
+    monkeypatch.undo()
+    _, manifest = _manifest(home)
+    manifest["format"] = 0
+    with pytest.raises(onnx_runtime.ExportUnusable, match="another"):
+        folder = tmp_path / "f"
+        folder.mkdir()
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        read_manifest(folder, "tiny", 128)
+
+
+def test_runtime_setting_and_plugin_embedders(library, tmp_path, monkeypatch) -> None:
+    from clipdex_test_embedder import NAME, StubEmbedder
+
+    from index.clip import ClipEmbedder
+    from index.errors import UsageProblem
+
+    home, photos, _ = library
+    searcher = Searcher.open(home)
+    assert isinstance(searcher.embedder, OnnxEmbedder)
+    searcher.close()
+    monkeypatch.setenv("CLIPDEX_RUNTIME", "torch")
+    searcher = Searcher.open(home)
+    assert isinstance(searcher.embedder, ClipEmbedder)
+    searcher.close()
+    monkeypatch.setenv("CLIPDEX_RUNTIME", "gpu")
+    with pytest.raises(UsageProblem, match="CLIPDEX_RUNTIME must be one of auto, onnx, torch"):
+        Searcher.open(home)
+    monkeypatch.delenv("CLIPDEX_RUNTIME")
+    # a registered embedder is not open_clip's: queries use it as it is, nothing is exported
+    with Library.open(tmp_path / "plugin") as lib:
+        report = lib.index([photos[0].parent], model=NAME)
+        assert report.queries == "not needed"
+        assert isinstance(Searcher(lib).embedder, StubEmbedder)
+    assert not (tmp_path / "plugin" / "onnx").exists()
