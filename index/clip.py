@@ -376,7 +376,7 @@ def _normalise(features: "torch.Tensor") -> np.ndarray:
 def _create(source: ModelSource, spec: str) -> tuple[Any, Callable, Callable]:
     import open_clip
 
-    with _quiet_open_clip(), _offline_unless_reachable(source) as offline:
+    with _quiet_open_clip(), _offline_unless_reachable(source) as offline, _seeded(source):
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 source.name, pretrained=source.pretrained)
@@ -384,6 +384,21 @@ def _create(source: ModelSource, spec: str) -> tuple[Any, Callable, Callable]:
         except Exception as exc:  # download failures surface as many types (RuntimeError…)
             raise _unavailable(spec, exc, offline=offline) from None
     return model, preprocess, tokenizer
+
+
+@contextlib.contextmanager
+def _seeded(source: ModelSource) -> Iterator[None]:
+    """Random weights (`ARCH:random`) from a fixed seed, whatever the process did before: the
+    library's vectors and every later process's (the ONNX export too) come from one model.
+    The caller's random state is left as it was."""
+    if source.pretrained is not None or source.name.startswith(("local-dir:", "hf-hub:")):
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 def _unavailable(spec: str, exc: Exception, *, offline: str | None) -> ModelUnavailable:

@@ -284,3 +284,38 @@ def test_runtime_setting_and_plugin_embedders(library, tmp_path, monkeypatch) ->
         assert report.queries == "not needed"
         assert isinstance(Searcher(lib).embedder, StubEmbedder)
     assert not (tmp_path / "plugin" / "onnx").exists()
+
+
+@pytest.mark.parametrize("kept, precision, chosen", [
+    (["fp32"], "auto", "fp32"), (["fp32"], "int8", "fp32"), (["fp32"], "fp32", "fp32"),
+    (["int8"], "auto", "int8"), (["int8"], "int8", "int8"), (["int8"], "fp32", None),
+    ([], "auto", None),
+])
+def test_which_file_a_tower_runs(kept, precision, chosen) -> None:
+    """Only the variant `auto` runs is kept: an int8-only tower runs int8 (auto, int8) and
+    torch when fp32 is asked for; a tower without files runs on torch."""
+    files = {name: {"name": f"image.{name}.onnx", "size": 1} for name in kept}
+    manifest = {"spec": "tiny", "dim": 128, "image_size": 64, "towers": {
+        "image": {"files": files, "use": kept[0] if kept else "fp32"}, "text": {}}}
+    embedder = OnnxEmbedder(Path("/nonexistent"), manifest, precision=precision)
+    assert embedder.runs_on_onnx("image") is (chosen is not None)
+    assert embedder._choice["image"] == chosen and not embedder.runs_on_onnx("text")
+
+
+def test_random_weights_are_the_same_in_every_process() -> None:
+    """`ARCH:random` is seeded whatever ran before, so an index process, a query process and
+    the export agree (they did not: the default generator's state depended on history)."""
+    import torch
+
+    from index.clip import ModelSource, _seeded
+
+    state = torch.random.get_rng_state()
+    with _seeded(ModelSource("RN50", None)):
+        first = torch.rand(3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's state is kept
+    torch.rand(5)  # history
+    with _seeded(ModelSource("RN50", None)):
+        second = torch.rand(3)
+    assert torch.equal(first, second)
+    with _seeded(ModelSource("RN50", "openai")):  # pretrained weights: left alone
+        assert not torch.equal(torch.rand(3), first)
