@@ -66,7 +66,6 @@ def export_image_tower(spec: str, workdir: Path) -> tuple[Path, Path]:
 
 
 def bench_model(spec: str, photos: list[str], rounds: int) -> dict:
-    import torch
 
     from index.clip import ClipEmbedder
     from index.scan import decode_file
