@@ -223,8 +223,13 @@ class _Turns:
     def model(self) -> Iterator[None]:
         with self._cond:
             self._model = True  # no new decode starts; the ones running finish first
-            while not self._cond.wait_for(self._decodes_done, timeout=1.0):
-                pass  # woken each second: a decode may have gone stale meanwhile
+            try:
+                while not self._cond.wait_for(self._decodes_done, timeout=1.0):
+                    pass  # woken each second: a decode may have gone stale meanwhile
+            except BaseException:  # Ctrl-C while waiting: decoders must not wait for ever
+                self._model = False
+                self._cond.notify_all()
+                raise
         try:
             yield
         finally:

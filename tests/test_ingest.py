@@ -577,3 +577,31 @@ def test_turns_model_stops_waiting_for_a_stale_decode() -> None:
         t.join(30)
         assert not t.is_alive()
     assert log == ["decode start", "model start", "decode end"]
+
+
+def test_ctrl_c_while_the_model_waits_its_turn_lets_decoders_go_on() -> None:
+    """A KeyboardInterrupt while the model waits for running decodes must give the turn back:
+    otherwise every decoder waits for a model that never comes, and the decode pool's shutdown
+    waits for them (`clipdex index` hung after Ctrl-C under load)."""
+    import threading
+
+    from index.ingest import _Turns
+
+    turns = _Turns()
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt
+
+    turns._decodes_done = interrupted  # what a SIGINT inside the wait raises
+    with pytest.raises(KeyboardInterrupt):
+        with turns.model():
+            pass
+    decoded = threading.Event()
+
+    def decode() -> None:
+        with turns.decode():
+            decoded.set()
+
+    worker = threading.Thread(target=decode, daemon=True)
+    worker.start()
+    assert decoded.wait(5), "a decoder waits for ever after an interrupted model turn"
