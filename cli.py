@@ -337,7 +337,9 @@ def search_options(f: Callable) -> Callable:
                           "must exist)."),
         click.option("--dedup", is_flag=True, help="Collapse near-identical images."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
-                     envvar="CLIPDEX_PRECISION", help="Query encoder precision [default: auto]."),
+                     envvar="CLIPDEX_PRECISION",
+                     help="Query encoder precision [default: auto: what the ONNX export chose "
+                          "per tower; fp32 never runs int8]."),
     ]):
         f = decorator(f)
     return f
@@ -408,6 +410,10 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
       clipdex search "a red circle" --expand
     An --image query never returns the query image itself. --expand moves a text query
     towards the image side of the space first (see `clipdex prior train`).
+
+    Queries run on ONNX Runtime, without importing torch, from the export `clipdex index`
+    makes of the library's model (the first query makes it when missing);
+    CLIPDEX_RUNTIME=torch uses torch instead, CLIPDEX_RUNTIME=onnx refuses to.
     """
     if as_json and paths_only:
         raise click.UsageError("--json and --paths cannot be used together", ctx)

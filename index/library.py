@@ -147,7 +147,6 @@ class Library:
                 strict: bool = False) -> dict | None:
         """Export the model for queries now; its manifest, or None (said) to use torch."""
         from .onnx_runtime import (
-            ExportUnusable,
             export_folder,
             read_manifest,
             share_export,
@@ -167,9 +166,11 @@ class Library:
             return read_manifest(folder, spec, dim)
         except ClipdexError:
             raise
-        except (Exception, ExportUnusable) as exc:  # the exporter's and onnxruntime's errors
+        except Exception as exc:  # the exporter's, onnxruntime's, ExportUnusable
+            from .clip import shorten
+
             message = (f"{why} and exporting it failed ({type(exc).__name__}: "
-                       f"{str(exc).strip()[:200]}): queries use torch")
+                       f"{shorten(str(exc), 200)}): queries use torch")
             if strict:
                 raise ModelUnavailable(message) from None
             say(message)

@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write, atomic_write_text
-from .onnx_runtime import EXPORT_FORMAT, MANIFEST, export_folder, weights_stamp
+from .onnx_runtime import (
+    EXPORT_FORMAT,
+    MANIFEST,
+    TEXT_TABLE,
+    export_folder,
+    text_inputs,
+    weights_stamp,
+)
 from .precision import INT8_MIN_COSINE
 
 __all__ = ["EXPORT_MIN_COSINE", "PREPROCESS_MAX_ABS", "export_model", "remove_export"]
@@ -82,6 +89,8 @@ def _export(home: Path, spec: str, say: Callable[[str], None]) -> tuple[Path, di
             if isinstance(plan, _Plan):
                 say(f"exporting the {tower} tower")
                 manifest["towers"][tower] = _tower_files(folder, plan, model)
+                if tower == "text" and manifest["towers"][tower].get("files"):
+                    manifest["towers"][tower]["table"] = _file_entry(folder / TEXT_TABLE)
             else:
                 manifest["towers"][tower] = plan
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
@@ -94,8 +103,8 @@ class _Plan:
 
     name: str
     wrapper: Callable  # model -> the nn.Module to export
-    sample: Any  # the example input
-    input_name: str
+    samples: tuple  # the example inputs
+    input_names: list[str]
     axes: dict
     encode: Callable  # session -> the probe's vectors
     reference: np.ndarray  # torch fp32's vectors for the probe
@@ -122,12 +131,18 @@ def _text_plan(folder: Path, model, tokenizer) -> tuple["_Plan | dict", dict | N
     if ours.shape != theirs.shape or not np.array_equal(ours, theirs):
         return {"error": "the torch-free tokenizer disagrees with open_clip's on the probe"}, None
     reference = _unit(model.encode_text(torch.from_numpy(theirs)).numpy())
+    # the token-embedding table stays out of the graph, in a file the runtime maps: a query
+    # reads a few rows of it, not all of it (ViT-B-32: 101 of the tower's 254 MB)
+    table = model.token_embedding.weight.detach().float().numpy()
+    atomic_write(folder / TEXT_TABLE, lambda tmp: _save_npy(tmp, table))
     length = int(ours.argmax(-1).max()) + 1
+    sample = ours[:2, :length].astype(np.int64)
     query = ours[:1, :int(ours[0].argmax()) + 1]
-    return _Plan("text", _TextTower, torch.from_numpy(ours[:2, :length].astype(np.int64)),
-                 "tokens", {"tokens": {0: "batch", 1: "length"}},
-                 lambda session: _run_text(session, ours), reference,
-                 lambda session: session.run(None, {"tokens": query})), config
+    return _Plan("text", _TextTower, (torch.from_numpy(table[sample]), torch.from_numpy(sample)),
+                 ["embedded", "tokens"],
+                 {"embedded": {0: "batch", 1: "length"}, "tokens": {0: "batch", 1: "length"}},
+                 lambda session: _run_text(session, ours, table), reference,
+                 lambda session: session.run(None, text_inputs(table, query))), config
 
 
 def _image_plan(model, preprocess, image_size: int) -> tuple["_Plan | dict", dict | None]:
@@ -146,7 +161,7 @@ def _image_plan(model, preprocess, image_size: int) -> tuple["_Plan | dict", dic
         return {"error": f"the torch-free image transform differs from open_clip's by {worst:g} "
                          f"on the probe (at most {PREPROCESS_MAX_ABS:g} allowed)"}, spec
     reference = _unit(model.encode_image(torch.from_numpy(theirs)).numpy())
-    return _Plan("image", _ImageTower, torch.from_numpy(ours[:2]), "pixels",
+    return _Plan("image", _ImageTower, (torch.from_numpy(ours[:2]),), ["pixels"],
                  {"pixels": {0: "batch"}}, lambda session: session.run(None, {"pixels": ours})[0],
                  reference, lambda session: session.run(None, {"pixels": ours[:1]})), spec
 
@@ -158,7 +173,7 @@ def _tower_files(folder: Path, plan: _Plan, model) -> dict:
     fp32 = folder / f"{plan.name}.onnx"
     try:
         atomic_write(fp32, lambda tmp: torch.onnx.export(
-            plan.wrapper(model), (plan.sample,), str(tmp), input_names=[plan.input_name],
+            plan.wrapper(model), plan.samples, str(tmp), input_names=plan.input_names,
             output_names=["vector"], dynamic_axes={**plan.axes, "vector": {0: "batch"}},
             opset_version=OPSET, dynamo=False))
     except Exception as exc:  # the exporter raises many types for unsupported graphs
@@ -201,9 +216,14 @@ def _tower_files(folder: Path, plan: _Plan, model) -> dict:
     return entry
 
 
-def _run_text(session, tokens: np.ndarray) -> np.ndarray:
+def _run_text(session, tokens: np.ndarray, table: np.ndarray) -> np.ndarray:
     length = int(tokens.argmax(-1).max()) + 1
-    return session.run(None, {"tokens": tokens[:, :length].astype(np.int64)})[0]
+    return session.run(None, text_inputs(table, tokens[:, :length].astype(np.int64)))[0]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # np.save(path) would add ".npy" to the temp name
+        np.save(fh, array)
 
 
 def _trimmable(model) -> bool:
@@ -223,11 +243,10 @@ def _text_tower_class():
             super().__init__()
             self.model = model
 
-        def forward(self, tokens):
+        def forward(self, embedded, tokens):
             m = self.model
             length = tokens.shape[1]
-            x = m.token_embedding(tokens)
-            x = x + m.positional_embedding[:length]
+            x = embedded + m.positional_embedding[:length]
             x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
             x = m.ln_final(x)
             x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]

@@ -30,12 +30,14 @@ if TYPE_CHECKING:
 
     from .embedder import Embedder
 
-__all__ = ["EXPORT_FORMAT", "MANIFEST", "ExportUnusable", "OnnxEmbedder",
-           "export_folder", "read_manifest", "share_export", "shared_folder", "weights_stamp"]
+__all__ = ["EXPORT_FORMAT", "MANIFEST", "TEXT_TABLE", "ExportUnusable", "OnnxEmbedder",
+           "export_folder", "read_manifest", "share_export", "shared_folder", "text_inputs",
+           "weights_stamp"]
 
 # Bump when what index.onnx_export writes changes shape: older exports are then redone.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: the text tower's token-embedding table in its own mapped file
 MANIFEST = "manifest.json"  # written last: a folder without it is an unfinished export
+TEXT_TABLE = "text.embedding.npy"  # the token-embedding table, read by row (np.load mmap)
 
 
 class ExportUnusable(Exception):
@@ -103,6 +105,12 @@ def read_manifest(folder: Path, spec: str, dim: int) -> dict:
     return manifest
 
 
+def text_inputs(table: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """The exported text tower's inputs: the tokens' embedding rows, and the tokens (whose
+    largest id, end-of-text, marks the position it pools)."""
+    return {"embedded": np.ascontiguousarray(table[tokens], np.float32), "tokens": tokens}
+
+
 def shared_folder(folder: Path) -> Path:
     """The per-user cache's copy of an export folder (same key): a second library of the same
     model links it instead of exporting again."""
@@ -125,7 +133,9 @@ def share_export(source: Path, target: Path, spec: str, dim: int) -> dict | None
         return None
     names = [manifest["tokenizer"]["vocab"]] if manifest.get("tokenizer") else []
     for info in manifest.get("towers", {}).values():
-        for entry in (info.get("files") or {}).values():
+        entries = [*(info.get("files") or {}).values(), *([info["table"]] if "table" in info
+                                                           else [])]
+        for entry in entries:
             if (source / entry["name"]).stat().st_size != entry["size"]:
                 return None
             names.append(entry["name"])
@@ -181,6 +191,7 @@ class OnnxEmbedder:
         self._torch: "Embedder | None" = None
         self._tokenizer = None
         self._prep = None
+        self._table: np.ndarray | None = None
 
     def _pick(self, tower: str, precision: str) -> str | None:
         """Which file of `tower` to run ("fp32", "int8"), or None for torch."""
@@ -208,9 +219,9 @@ class OnnxEmbedder:
                 try:
                     self._sessions[tower] = self._open(tower)
                 except ExportUnusable as exc:
-                    self._choice[tower] = None
                     if self._damaged is None:
                         raise
+                    self._choice[tower] = None
                     self._damaged(str(exc))
                     return None
             return self._sessions[tower]
@@ -227,6 +238,8 @@ class OnnxEmbedder:
         if size != entry["size"]:
             raise ExportUnusable(f"{path.name} is damaged ({size} bytes, "
                                  f"{entry['size']} expected)")
+        if tower == "text":  # the embedding table first: a damaged one is found here too
+            self._table = self._mapped_table()
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings are not the user's business
         if self._threads:
@@ -236,6 +249,33 @@ class OnnxEmbedder:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise ExportUnusable(f"{path.name} cannot be loaded "
                                  f"({str(exc).strip().splitlines()[0][:200]})") from None
+
+    def _open_quietly(self, tower: str) -> None:
+        """Open a tower's session in a background thread. A failure is left for the caller's
+        own `_session` call to meet again and handle (it may remove the export, which the
+        thread must not do while the caller reads the tokenizer from it)."""
+        try:
+            session = self._open(tower)
+        except ExportUnusable:
+            return
+        with self._lock:
+            self._sessions.setdefault(tower, session)
+
+    def _mapped_table(self) -> np.ndarray:
+        entry = self._towers["text"].get("table") or {}
+        path = self.folder / entry.get("name", TEXT_TABLE)
+        try:
+            if path.stat().st_size != entry.get("size"):
+                raise ExportUnusable(f"{path.name} is damaged ({path.stat().st_size} bytes, "
+                                     f"{entry.get('size')} expected)")
+            table = np.load(path, mmap_mode="r")
+        except OSError as exc:
+            raise ExportUnusable(f"{path.name} is missing ({exc.strerror})") from None
+        except ValueError as exc:
+            raise ExportUnusable(f"{path.name} cannot be read ({exc})") from None
+        if table.ndim != 2 or table.dtype != np.float32:
+            raise ExportUnusable(f"{path.name} is not a float32 table")
+        return table
 
     def _torch_embedder(self, tower: str | None = None) -> "Embedder":
         """The torch embedder, for `tower` when the export does not cover it (said once)."""
@@ -271,6 +311,13 @@ class OnnxEmbedder:
             return self._torch_embedder("text").encode_texts(texts)
         if not len(texts):
             return np.empty((0, self.dim), np.float32)
+        if self._tokenizer is None and "text" not in self._sessions:
+            # the first query: the session loads (in C++, off the GIL) while the tokenizer's
+            # vocabulary is parsed (Python) — ~50 ms of a cold ViT-B-32 query
+            opening = threading.Thread(target=self._open_quietly, args=("text",), daemon=True)
+            opening.start()
+            self.tokenizer  # noqa: B018 - built here, beside the session
+            opening.join()
         tokens = self.tokenizer(list(texts)).astype(np.int64, copy=False)
         ends = tokens.argmax(axis=-1)  # the end-of-text id is the vocabulary's largest
         order = np.argsort(ends, kind="stable")
@@ -281,7 +328,7 @@ class OnnxEmbedder:
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
             length = int(ends[rows].max()) + 1
-            out[rows] = session.run(None, {"tokens": tokens[rows, :length]})[0]
+            out[rows] = session.run(None, text_inputs(self._table, tokens[rows, :length]))[0]
         return _unit(out)
 
     def prepare(self, image: "Image.Image") -> np.ndarray:
