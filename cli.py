@@ -217,6 +217,11 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
         if p.phase == "index":  # rebuilding the vector index after the library grew
             bar.set_description(p.counts["index"], refresh=True)
             return
+        if p.phase == "metadata":  # photos indexed before metadata existed: headers only
+            bar.set_description("reading metadata", refresh=False)
+            bar.total, bar.n = p.total, p.done
+            bar.set_postfix({}, refresh=True)
+            return
         saved.update({k: p.counts.get(k, 0) for k in saved})
         if bar.total != p.total:
             bar.total = p.total
@@ -247,6 +252,13 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
                else "") + f" in {report.total_seconds:.1f}s"
             + (f" (model load {report.model_load_seconds:.1f}s)" if report.model_load_seconds
                else ""))
+        meta = report.metadata
+        if meta.get("updated_without_embedding"):
+            click.echo(f"metadata: read for {meta['updated_without_embedding']} indexed "
+                       f"photos (not re-embedded)", err=True)
+        if meta.get("unusable"):
+            fields = ", ".join(f"{name} {n}" for name, n in meta["unusable"].items())
+            click.echo(f"metadata: unusable values left empty: {fields}", err=True)
         if report.queries.startswith("exported"):
             click.echo(f"queries: {report.queries} to ONNX in {report.export_seconds:.1f}s "
                        f"(searches start without torch)", err=True)
@@ -318,12 +330,60 @@ def _print_hits(result, *, as_json: bool, paths_only: bool) -> None:
     if not result.hits:
         click.echo("no results", err=True)
         return
+    # a date column when hits have camera times, or the order is by date (a ~ marks a date
+    # that is the file's mtime), and a camera column when hits have cameras
+    dated = result.query.sort != "relevance" or result.query.browse or any(
+        h.meta and h.meta.get("taken_at_source") not in (None, "mtime") for h in result.hits)
+    width = min(24, max((len(h.meta["camera"]) for h in result.hits
+                         if h.meta and h.meta.get("camera")), default=0))
     for rank, hit in enumerate(result.hits, result.query.offset + 1):
+        # 7.4f: -1.0000 to 1.0000 in one width, so negative scores stay in line
+        score = f"{hit.score:7.4f}" if hit.score is not None else "      -"
+        columns = [f"{rank:>3}", score]
+        meta = hit.meta or {}
+        if dated:
+            when = (meta.get("taken_at") or "")[:16].replace("T", " ")
+            mark = "~" if when and meta.get("taken_at_source") == "mtime" else " "
+            columns.append(f"{when:<16}{mark}")
+        if width:
+            columns.append(f"{(meta.get('camera') or '')[:width]:<{width}}")
         if hit.kind == "image":
-            click.echo(f"{rank:>3}  {hit.score:7.4f}  {shown(hit.path)}")
-        else:  # 7.4f: -1.0000 to 1.0000 in one width, so negative scores stay in line
+            columns.append(shown(hit.path))
+        else:
             linked = f"  [{shown(hit.path)}]" if hit.path else ""
-            click.echo(f"{rank:>3}  {hit.score:7.4f}  {hit.text}{linked}")
+            columns.append(f"{hit.text}{linked}")
+        click.echo("  ".join(columns))
+
+
+def filter_options(f: Callable) -> Callable:
+    for decorator in reversed([
+        click.option("--after", metavar="WHEN",
+                     help="Only photos taken at or after WHEN: YYYY, YYYY-MM, YYYY-MM-DD or "
+                          "YYYY-MM-DDTHH:MM, as the camera's clock showed it."),
+        click.option("--before", metavar="WHEN",
+                     help="Only photos taken before WHEN (same forms; --after 2024-06-01 "
+                          "--before 2024-07-01 is June 2024)."),
+        click.option("--year", metavar="YYYY", help="Only photos taken in this year."),
+        click.option("--month", metavar="YYYY-MM", help="Only photos taken in this month."),
+        click.option("--camera", metavar="TEXT",
+                     help="Only photos from a camera whose make/model contains TEXT "
+                          "(case-insensitive): canon, 'iphone 13'."),
+        click.option("--place", metavar="TEXT",
+                     help="Only photos taken in a city, region or country matching TEXT "
+                          "(accents and case ignored; or a country code such as PT)."),
+        click.option("--near", metavar="LAT,LON[,KM]",
+                     help="Only photos taken within KM (default 10) of a GPS position."),
+        click.option("--type", "types", multiple=True, metavar="TYPE",
+                     help="Only images of this format: jpeg, png, webp, gif, bmp, tiff, "
+                          "heic, avif (repeatable, or comma-separated)."),
+        click.option("--sort", type=click.Choice(["relevance", "date", "-date"]),
+                     default="relevance", show_default=True,
+                     help="date: oldest first, -date: newest first. With a query, the --top "
+                          "hits by relevance are shown in date order; with filters alone, "
+                          "photos are listed newest first."),
+    ]):
+        f = decorator(f)
+    return f
 
 
 def search_options(f: Callable) -> Callable:
@@ -385,6 +445,7 @@ def expansion_options(f: Callable) -> Callable:
 @click.option("--target", type=click.Choice(["images", "captions"]), default="images",
               show_default=True, help="Which index to search.")
 @search_options
+@filter_options
 @expansion_options
 @json_option
 @click.option("--paths", "paths_only", is_flag=True, help="Print only paths, one per line.")
@@ -392,9 +453,12 @@ def expansion_options(f: Callable) -> Callable:
 def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
            images: tuple[str, ...], negatives: tuple[str, ...], target: str, top: int,
            offset: int, threshold: float | None, under: str | None, dedup: bool, precision: str,
-           expand: str | None, expand_samples: int | None, expand_weight: float | None,
-           expand_seed: int | None, expand_fusion: str | None, expand_steps: int | None,
-           generator: str | None, as_json: bool, paths_only: bool) -> None:
+           after: str | None, before: str | None, year: str | None, month: str | None,
+           camera: str | None, place: str | None, near: str | None, types: tuple[str, ...],
+           sort: str, expand: str | None, expand_samples: int | None,
+           expand_weight: float | None, expand_seed: int | None, expand_fusion: str | None,
+           expand_steps: int | None, generator: str | None, as_json: bool,
+           paths_only: bool) -> None:
     """Search the library with TEXT and/or --image, for images or --target captions.
 
     \b
@@ -408,6 +472,13 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
       clipdex search "2:sunset" -t "0.5:mountains" --top 20
       clipdex search --image photo.jpg --target captions --json
       clipdex search "a red circle" --expand
+      clipdex search "a beach" --year 2023 --camera iphone --sort date
+      clipdex search --after 2024-06-01 --place Lisbon       (no query: newest first)
+      clipdex search "a bridge" --near 38.69,-9.18,5 --type jpeg
+    Filters (--after/--before/--year/--month, --camera, --place, --near, --type) combine with
+    each other, with any query and with --under/--threshold/--dedup; captions are filtered by
+    their linked image. They narrow the vector search itself, so a filtered search returns
+    the best matches among the photos that pass, not the few of the overall best that do.
     An --image query never returns the query image itself. --expand moves a text query
     towards the image side of the space first (see `clipdex prior train`).
 
@@ -419,7 +490,10 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
         raise click.UsageError("--json and --paths cannot be used together", ctx)
 
     from retrieval.expansion import Expansion
+    from retrieval.filters import Filters
 
+    filters = Filters.parse(after=after, before=before, year=year, month=month, camera=camera,
+                            place=place, near=near, types=types)
     all_texts = ([" ".join(text)] if text else []) + list(texts)
     expansion = Expansion.from_options(expand, samples=expand_samples, weight=expand_weight,
                                        seed=expand_seed, fusion=expand_fusion,
@@ -428,7 +502,8 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
     try:
         result = searcher.search(all_texts, image=list(images), negatives=negatives,
                                  target=target, k=top, offset=offset, threshold=threshold,
-                                 under=under, dedup=dedup, expand=expansion)
+                                 under=under, dedup=dedup, expand=expansion, filters=filters,
+                                 sort=sort)
     finally:
         searcher.close()
     _print_hits(result, as_json=as_json, paths_only=paths_only)
@@ -482,6 +557,27 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         if info.get("type"):
             click.echo(f"index:    {name}: {info['type']}, {info['vectors']} vectors")
     click.echo(f"disk:     {data['bytes'] / 1e6:.1f} MB")
+    photos = data["photos"]
+    if photos["taken"]:
+        sources = photos["taken"]["sources"]
+        exif = sum(n for k, n in sources.items() if k != "mtime")
+        click.echo(f"taken:    {photos['taken']['first'][:10]} to {photos['taken']['last'][:10]}"
+                   f" ({exif} from EXIF, {sources.get('mtime', 0)} by file time)")
+    if photos["cameras"]:
+        click.echo(f"cameras:  {_top_counts(photos['cameras'])}")
+    if photos["places"]:
+        click.echo(f"places:   {_top_counts(photos['places'])}")
+    if photos["with_metadata"]:
+        click.echo(f"gps:      {photos['with_gps']} of {photos['with_metadata']} photos")
+    if photos["needs_reindex"] > 0 and data["images"]:
+        click.echo(f"metadata: {photos['needs_reindex']} photos have none yet: run "
+                   f"`clipdex index` on their folders (nothing is re-embedded)")
+
+
+def _top_counts(counts: dict, shown_at_most: int = 6) -> str:
+    items = [f"{name} ({n})" for name, n in list(counts.items())[:shown_at_most]]
+    more = len(counts) - shown_at_most
+    return ", ".join(items) + (f", and {more} more" if more > 0 else "")
 
 
 @main.command()

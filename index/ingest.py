@@ -23,6 +23,7 @@ from sqlalchemy import delete, insert, select
 
 from . import faults
 from .embedder import Embedder, is_embedder
+from .photo_meta import META_VERSION, PhotoMeta, places_for, read_file_meta
 from .scan import (
     Decoded,
     DecodeFailure,
@@ -84,6 +85,7 @@ class IngestReport:
     total_seconds: float = 0.0  # the whole call: model load, scan, embed, index files
     queries: str = ""  # the ONNX query export: "ready", "exported…", or why queries use torch
     export_seconds: float = 0.0  # of total_seconds, exporting the model for queries
+    metadata: dict = field(default_factory=dict)  # photo metadata read this run (_MetaCounts)
 
     @property
     def failures_remain(self) -> bool:
@@ -103,6 +105,7 @@ class IngestReport:
             "images_per_second": round((self.new + self.changed) / self.seconds, 2)
             if self.seconds else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
+            "metadata": self.metadata,
             "index": self.index,
         }
 
@@ -238,6 +241,46 @@ class _Turns:
                 self._cond.notify_all()
 
 
+class _MetaCounts:
+    """What this run read of photo metadata: images, how many with a camera time, a camera,
+    GPS, a place, and the fields left empty because their value could not be used."""
+
+    def __init__(self) -> None:
+        self.read = self.updated = self.with_exif_time = self.with_camera = 0
+        self.with_gps = self.with_place = 0
+        self.problems: dict[str, int] = {}
+
+    def add(self, meta: PhotoMeta) -> None:
+        self.read += 1
+        self.with_exif_time += meta.taken_source not in (None, "mtime")
+        self.with_camera += meta.camera is not None
+        self.with_gps += meta.lat is not None
+        self.with_place += meta.place is not None
+        for problem in meta.problems:
+            self.problems[problem] = self.problems.get(problem, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {"read": self.read, "updated_without_embedding": self.updated,
+                "with_exif_time": self.with_exif_time, "with_camera": self.with_camera,
+                "with_gps": self.with_gps, "with_place": self.with_place,
+                "unusable": dict(sorted(self.problems.items()))}
+
+
+def _with_places(metas: list[PhotoMeta]) -> list[PhotoMeta]:
+    """The metadata with each GPS position's place filled in (offline reverse geocoding)."""
+    located = [i for i, m in enumerate(metas) if m.lat is not None and m.lon is not None]
+    if not located:
+        return metas
+    try:
+        places = places_for([(metas[i].lat, metas[i].lon) for i in located])
+    except ImportError:  # reverse-geocode missing: positions are kept, places stay empty
+        return metas
+    out = list(metas)
+    for i, place in zip(located, places):
+        out[i] = replace(out[i], place=place)
+    return out
+
+
 class _Batch:
     """Rows waiting for the model and the commit."""
 
@@ -285,6 +328,7 @@ def ingest_images(
     rehashed = _rehash_unchanged(plan, workers) if rehash else 0
     counts = {"new": 0, "changed": 0, "unchanged": plan.unchanged, "moved": 0, "failed": 0,
               "removed": 0}
+    meta = _MetaCounts()
     if progress:
         progress(IngestProgress("scan", len(plan.found), len(plan.found), dict(counts)))
     # folders that could not be listed are reported each run; files that failed are recorded
@@ -292,9 +336,10 @@ def ingest_images(
     counts["failed"] += len(failures)
     if plan.to_embed and not is_embedder(embedder):
         embedder = embedder()  # an unchanged tree never pays for loading the model
-    _embed_planned(store, embedder, plan, counts, failures, workers=workers,
+    _embed_planned(store, embedder, plan, counts, failures, meta, workers=workers,
                    batch_size=batch_size, gate=_gate_for(embedder, decode_gate),
                    nice=decode_nice, progress=progress)
+    _backfill_meta(store, plan, meta, workers=workers, progress=progress)
     removed = _remove_vanished(store, plan) + counts["removed"]
     with store.session() as s, s.begin():
         store.link_captions(s)
@@ -302,7 +347,8 @@ def ingest_images(
         new=counts["new"], changed=counts["changed"], unchanged=plan.unchanged,
         moved=counts["moved"], removed=removed, failed=counts["failed"],
         skipped_failed=plan.skipped_failed, rehashed=rehashed,
-        seconds=time.perf_counter() - started, failures=tuple(failures))
+        seconds=time.perf_counter() - started, failures=tuple(failures),
+        metadata=meta.as_dict())
 
 
 def _scan_and_plan(store: Store, roots: list[Path], *, exclude: Iterable[str],
@@ -338,15 +384,54 @@ def _hash_or_none(path: str) -> str | None:
         return None  # gone or unreadable: the embedding pass will not see it either
 
 
+def _backfill_meta(store: Store, plan: _Plan, meta: _MetaCounts, *, workers: int,
+                   progress: ProgressFn | None, batch_size: int = 512) -> None:
+    """Give the indexed images found this run that have no (current) metadata row theirs:
+    read from each file's header, nothing decoded or embedded (a library indexed before photo
+    metadata existed gains it this way on its next run)."""
+    found = {f.path for f in plan.found}
+    todo = [(i, path, mtime) for i, path, mtime in store.images_needing_meta(META_VERSION)
+            if path in found]
+    if not todo:
+        return
+    done = 0
+    with ThreadPoolExecutor(workers, thread_name_prefix="clipdex-meta") as pool:
+        for start in range(0, len(todo), batch_size):
+            part = todo[start:start + batch_size]
+            read = list(pool.map(_file_meta_or_none, [(p, m) for _, p, m in part]))
+            rows = [(image_id, m) for (image_id, _, _), m in zip(part, read) if m is not None]
+            located = _with_places([m for _, m in rows])
+            with store.session() as s, s.begin():
+                store.write_meta(s, [(image_id, m.row())
+                                     for (image_id, _), m in zip(rows, located)])
+            for m in located:
+                meta.add(m)
+            meta.updated += len(rows)
+            done += len(part)
+            if progress:
+                progress(IngestProgress("metadata", done, len(todo), {"metadata": done}))
+
+
+def _file_meta_or_none(item: tuple[str, int]) -> PhotoMeta | None:
+    path, mtime_ns = item
+    try:
+        return read_file_meta(path, mtime_ns)
+    except OSError:
+        return None  # gone or unreadable since the scan: the next run tries again
+    except Exception:  # a Pillow bug on a strange header must not stop the run
+        return None
+
+
 def _embed_planned(store: Store, embedder: Embedder, plan: _Plan, counts: dict,
-                   failures: list[tuple[str, str]], *, workers: int, batch_size: int,
+                   failures: list[tuple[str, str]], meta: _MetaCounts, *, workers: int,
+                   batch_size: int,
                    gate: "_Turns | None", nice: int, progress: ProgressFn | None) -> None:
     """Decode (threads) and embed (batches) what the plan lists; one transaction per batch."""
     # decode JPEGs no smaller than twice the model input
     min_side = 2 * embedder.image_size if plan.to_embed else 0
 
     def flush(batch: _Batch) -> None:
-        _commit(store, embedder, batch, plan, counts, failures, gate)
+        _commit(store, embedder, batch, plan, counts, failures, meta, gate)
         if progress:
             done = counts["new"] + counts["changed"] + counts["moved"] + counts["failed"]
             total = len(plan.to_embed) + len(plan.scan_failures)
@@ -404,7 +489,7 @@ def _decode_and_preprocess(path: str, min_side: int, embedder: Embedder,
 
 def _decode_and_preprocess_now(path: str, min_side: int, embedder: Embedder):
     try:
-        decoded = decode_file(path, min_side=min_side)
+        decoded = decode_file(path, min_side=min_side, meta=True)
         prepared = embedder.prepare(decoded.image)
     except DecodeFailure as exc:
         return exc
@@ -443,12 +528,13 @@ def _take(item: tuple[FoundFile, Future], batch: _Batch, plan: _Plan) -> bool:
 
 
 def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts: dict,
-            failures: list[tuple[str, str]], gate: _Turns | None) -> None:
+            failures: list[tuple[str, str]], meta: _MetaCounts, gate: _Turns | None) -> None:
     vectors = None
     if batch.tensors:
         faults.crash_test_hook("embed")
         with gate.model() if gate is not None else contextlib.nullcontext():
             vectors = embedder.encode_image_tensors(embedder.collate(batch.tensors))
+    metas = _with_places([d.meta or PhotoMeta() for d in batch.decoded])
     stamp = now()
     with store.session() as s, s.begin():
         for row_id, f in batch.moves:
@@ -468,6 +554,12 @@ def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts
                  "content_hash": d.content_hash, "width": d.width, "height": d.height,
                  "vector": v.tobytes(), "added_at": stamp}
                 for f, d, v in zip(batch.files, batch.decoded, vectors)])
+            new_ids = dict(s.execute(select(ImageRow.path, ImageRow.id).where(
+                ImageRow.path.in_([f.path for f in batch.files]))).all())
+            store.write_meta(s, [(new_ids[f.path], m.row())
+                                 for f, m in zip(batch.files, metas)])
+            for m in metas:
+                meta.add(m)
         done_paths = [f.path for f in batch.files] + [f.path for _, f in batch.moves] + \
             [f.path for f in batch.vanished]
         if done_paths:

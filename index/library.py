@@ -315,7 +315,21 @@ class Library:
             "dim": recorded[1] if recorded else None,
             "index": index_info,
             "bytes": _disk_bytes(self.settings),
+            "photos": self.photo_summary(),
         }
+
+    def photo_summary(self) -> dict:
+        """The photos' metadata in brief: date range (ISO, camera clock), cameras and places
+        with their counts (most first), how many have GPS, formats."""
+        from .photo_meta import iso_time
+
+        summary = self.store.meta_summary()
+        taken = summary["taken"]
+        if taken:
+            summary["taken"] = {**taken, "first": iso_time(taken["first"], None),
+                                "last": iso_time(taken["last"], None)}
+        summary["needs_reindex"] = (self.store.count("image") - summary["with_metadata"])
+        return summary
 
 
 def _tower_errors(manifest: dict) -> str:

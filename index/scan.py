@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -280,11 +281,12 @@ class Decoded:
     width: int
     height: int
     image: object  # PIL.Image.Image, RGB, possibly reduced by JPEG draft; None once prepared
+    meta: object = None  # index.photo_meta.PhotoMeta, from decode_file(..., meta=True)
 
 
-def decode_file(path: str, *, min_side: int) -> Decoded:
+def decode_file(path: str, *, min_side: int, meta: bool = False) -> Decoded:
     """Open one regular file, decode it to an upright RGB image at least `min_side` on each
-    side, and hash it.
+    side, and hash it; with `meta`, read its photo metadata too (index.photo_meta).
 
     Only the header is read before the file is known to be an image Pillow can open, and the
     hash streams: a huge file that is not an image costs no memory. Raises DecodeFailure (or
@@ -302,13 +304,22 @@ def decode_file(path: str, *, min_side: int) -> Decoded:
             raise DecodeFailure(f"not a regular file ({_file_kind(st.st_mode)})")
         if st.st_size == 0:
             raise DecodeFailure("empty file (0 bytes)")
-        image, width, height = decode_image(fh, min_side)
+        opened: dict = {}
+        image, width, height = decode_image(fh, min_side, opened=opened)
         try:
             fh.seek(0)
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
         except OSError as exc:
             raise DecodeFailure(f"cannot read: {_os_reason(exc)}") from None
-    return Decoded(digest, width, height, image)
+    photo = None
+    if meta:
+        from .photo_meta import meta_from_exif
+
+        photo = meta_from_exif(opened.get("exif"), mtime_ns=st.st_mtime_ns,
+                               pillow_format=opened.get("format"))
+        if opened.get("exif_failed"):
+            photo = dataclasses.replace(photo, problems=photo.problems + ("exif",))
+    return Decoded(digest, width, height, image, photo)
 
 
 def hash_file(path: str) -> str:
@@ -320,7 +331,7 @@ def hash_file(path: str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def decode_image(fh, min_side: int):
+def decode_image(fh, min_side: int, *, opened: dict | None = None):
     """(image, width, height) from a binary file object: upright RGB, reduced as it is
     decoded but at least `min_side` on each side (when the file is). Raises DecodeFailure.
 
@@ -328,8 +339,12 @@ def decode_image(fh, min_side: int):
     still at least twice `min_side` on its shorter side is then reduced by a whole factor.
     Indexing, query images and the server's uploads all decode here, so one file makes one
     model input whoever decodes it. `width` and `height` are the file's own (upright).
+    `opened`, when given, receives the file's "format" and "exif" (None when unreadable, with
+    "exif_failed"): a corrupt EXIF block never fails the decode, the image is used as stored.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from .photo_meta import read_exif
 
     # modes Image.reduce averages directly (LA and RGBA it premultiplies itself)
     reducible = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F")
@@ -340,12 +355,16 @@ def decode_image(fh, min_side: int):
         if width * height > MAX_PIXELS:
             raise DecodeFailure(f"image too large ({width}×{height} pixels; limit "
                                 f"{MAX_PIXELS // 1_000_000} MP, possible decompression bomb)")
-        orientation = im.getexif().get(0x0112, 1)
+        exif, exif_failed = read_exif(im)
+        if opened is not None:
+            opened.update(format=im.format, exif=exif, exif_failed=exif_failed)
+        orientation = exif.get(0x0112, 1) if exif is not None else 1
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         if im.format == "JPEG" and min_side > 0:  # draft divides by the size asked
             im.draft("RGB", (min_side, min_side))
-        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
+        if exif is not None and orientation in range(2, 9):
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
         factor = min(im.size) // min_side if min_side > 0 else 1
         if factor >= 2:  # right after the full-size decode: the only full-size copy
             im = (im if im.mode in reducible else _to_rgb(im)).reduce(factor)

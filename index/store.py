@@ -17,13 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import (
     BigInteger,
+    Float,
     ForeignKey,
     Index,
     LargeBinary,
     String,
     create_engine,
+    delete,
     event,
     func,
+    insert,
     inspect,
     select,
     text,
@@ -40,12 +43,15 @@ __all__ = [
     "CaptionInfo",
     "CaptionPairs",
     "ImageFile",
+    "MetaColumns",
     "Store",
     "StoredFailure",
     "vector_from_blob",
 ]
 
-SCHEMA_VERSION = 1
+# 1: images, captions, failures. 2: image_meta (photo metadata; made on a writer's open, its
+# rows filled by the next `clipdex index` without re-embedding anything).
+SCHEMA_VERSION = 2
 KINDS = ("image", "caption")
 
 
@@ -156,6 +162,51 @@ class CaptionRow(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class ImageMetaRow(Base):
+    """An image's photo metadata (index.photo_meta): one row per image, gone with it."""
+
+    __tablename__ = "image_meta"
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int]
+    taken_at: Mapped[float | None] = mapped_column(Float, index=True)
+    taken_offset: Mapped[int | None]
+    taken_source: Mapped[str | None] = mapped_column(String(32))
+    make: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str | None] = mapped_column(String(128))
+    camera: Mapped[str | None] = mapped_column(String(260))
+    lens: Mapped[str | None] = mapped_column(String(128))
+    lat: Mapped[float | None] = mapped_column(Float)
+    lon: Mapped[float | None] = mapped_column(Float)
+    alt: Mapped[float | None] = mapped_column(Float)
+    format: Mapped[str | None] = mapped_column(String(16))
+    country_code: Mapped[str | None] = mapped_column(String(8))
+    country: Mapped[str | None] = mapped_column(String(128))
+    region: Mapped[str | None] = mapped_column(String(128))
+    city: Mapped[str | None] = mapped_column(String(200))
+
+
+META_FIELDS = ("taken_at", "taken_offset", "taken_source", "make", "model", "camera", "lens",
+               "lat", "lon", "alt", "format", "country_code", "country", "region", "city")
+
+
+@dataclass(frozen=True)
+class MetaColumns:
+    """Every image's filterable metadata, column by column (row i is image ids[i]); what the
+    query side's filters are evaluated on. Missing values are None."""
+
+    ids: list[int]
+    taken_at: list[float | None]
+    camera: list[str | None]
+    country_code: list[str | None]
+    country: list[str | None]
+    region: list[str | None]
+    city: list[str | None]
+    lat: list[float | None]
+    lon: list[float | None]
+    format: list[str | None]
+
+
 class FailureRow(Base):
     __tablename__ = "failures"
     path: Mapped[str] = mapped_column(FilePath, primary_key=True)
@@ -227,12 +278,16 @@ class Store:
     def _check_schema(self, create: bool) -> None:
         with self.session() as s, s.begin():
             version = self.get_meta("schema_version", s)
-            if version is None and create:
-                self.set_meta(s, "schema_version", str(SCHEMA_VERSION))
-            elif version is not None and int(version) > SCHEMA_VERSION:
+            if version is not None and int(version) > SCHEMA_VERSION:
                 raise LibraryUnavailable(
                     f"this library was written by a newer clipdex (schema {version}; this one "
                     f"reads up to {SCHEMA_VERSION}): upgrade clipdex")
+            if create and (version is None or int(version) < SCHEMA_VERSION):
+                # create_all made the tables a newer schema adds; their rows come later
+                self.set_meta(s, "schema_version", str(SCHEMA_VERSION))
+                version = str(SCHEMA_VERSION)
+        self.schema_version = int(version) if version is not None else (SCHEMA_VERSION if create
+                                                                          else 1)
 
     def model_fingerprint(self) -> tuple[str, int] | None:
         with self.session() as s:
@@ -361,6 +416,113 @@ class Store:
         with self.session() as s:
             rows = s.scalars(select(FailureRow).order_by(FailureRow.path)).all()
         return [StoredFailure(r.path, r.reason, r.failed_at) for r in rows]
+
+    # --- photo metadata ---------------------------------------------------------------------
+    @property
+    def has_meta_table(self) -> bool:
+        """Whether the store has photo metadata at all (a library written before schema 2
+        that no writer has opened since has none)."""
+        return self.schema_version >= 2
+
+    def meta_generation(self) -> tuple[int, int]:
+        """Changes whenever any image's metadata may have: (image generation, meta generation)."""
+        return self.generation("image"), self.generation("meta")
+
+    def write_meta(self, session: Session, rows: Iterable[tuple[int, dict]]) -> int:
+        """Set the metadata of these images (id, PhotoMeta.row()), replacing what was there."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        ids = [image_id for image_id, _ in rows]
+        for chunk in _chunks(ids):
+            session.execute(delete(ImageMetaRow).where(ImageMetaRow.image_id.in_(chunk)))
+        session.execute(insert(ImageMetaRow), [{"image_id": i, **row} for i, row in rows])
+        self.bump_generation(session, "meta")
+        return len(rows)
+
+    def images_needing_meta(self, version: int) -> list[tuple[int, str, int]]:
+        """(id, path, mtime_ns) of images with no metadata row, or one older than `version`."""
+        if not self.has_meta_table:
+            return []
+        with self.session() as s:
+            rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.mtime_ns)
+                             .outerjoin(ImageMetaRow, ImageMetaRow.image_id == ImageRow.id)
+                             .where((ImageMetaRow.image_id.is_(None)) |
+                                    (ImageMetaRow.version < version))).all()
+        return [(r.id, r.path, r.mtime_ns) for r in rows]
+
+    def meta_columns(self) -> MetaColumns:
+        """Every image's filterable metadata (images without a row have all None)."""
+        columns: dict[str, list] = {name: [] for name in MetaColumns.__dataclass_fields__}
+        if not self.has_meta_table:
+            return MetaColumns(**columns)
+        names = [name for name in columns if name != "ids"]
+        statement = (select(ImageRow.id, *[getattr(ImageMetaRow, n) for n in names])
+                     .outerjoin(ImageMetaRow, ImageMetaRow.image_id == ImageRow.id)
+                     .order_by(ImageRow.id))
+        with self.session() as s:
+            for row in s.execute(statement.execution_options(yield_per=50_000)):
+                columns["ids"].append(row[0])
+                for name, value in zip(names, row[1:]):
+                    columns[name].append(value)
+        return MetaColumns(**columns)
+
+    def image_meta(self, ids: Iterable[int]) -> dict[int, dict]:
+        """id -> the image's metadata (META_FIELDS, width, height, bytes) for the ids given."""
+        out: dict[int, dict] = {}
+        with self.session() as s:
+            for chunk in _chunks(ids):
+                if self.has_meta_table:
+                    statement = (select(ImageRow.id, ImageRow.width, ImageRow.height,
+                                        ImageRow.size, *[getattr(ImageMetaRow, n)
+                                                         for n in META_FIELDS])
+                                 .outerjoin(ImageMetaRow, ImageMetaRow.image_id == ImageRow.id))
+                else:
+                    statement = select(ImageRow.id, ImageRow.width, ImageRow.height,
+                                       ImageRow.size)
+                for row in s.execute(statement.where(ImageRow.id.in_(chunk))):
+                    values = dict(zip(META_FIELDS, row[4:])) if len(row) > 4 else \
+                        dict.fromkeys(META_FIELDS)
+                    out[row.id] = {**values, "width": row.width, "height": row.height,
+                                   "bytes": row.size}
+        return out
+
+    def meta_summary(self) -> dict:
+        """What `clipdex stats` says of the photos: date range, cameras, places, GPS."""
+        if not self.has_meta_table:
+            return {"with_metadata": 0, "taken": None, "cameras": {}, "places": {},
+                    "with_gps": 0, "formats": {}}
+        m = ImageMetaRow
+        with self.session() as s:
+            with_meta = s.scalar(select(func.count()).select_from(m)) or 0
+            first, last = s.execute(select(func.min(m.taken_at), func.max(m.taken_at))).one()
+            sources = dict(s.execute(select(m.taken_source, func.count())
+                                     .group_by(m.taken_source)).all())
+            cameras = s.execute(select(m.camera, func.count()).where(m.camera.is_not(None))
+                                .group_by(m.camera).order_by(func.count().desc())).all()
+            places = s.execute(select(m.city, m.country, func.count())
+                               .where(m.country.is_not(None)).group_by(m.city, m.country)
+                               .order_by(func.count().desc())).all()
+            with_gps = s.scalar(select(func.count()).select_from(m)
+                                .where(m.lat.is_not(None))) or 0
+            formats = dict(s.execute(select(m.format, func.count()).group_by(m.format)).all())
+        return {"with_metadata": int(with_meta),
+                "taken": {"first": first, "last": last,
+                          "sources": {k: v for k, v in sources.items() if k}}
+                if first is not None else None,
+                "cameras": {name: n for name, n in cameras},
+                "places": {", ".join(p for p in (city, country) if p): n
+                           for city, country, n in places},
+                "with_gps": int(with_gps),
+                "formats": {k: v for k, v in formats.items() if k}}
+
+    def caption_links(self) -> tuple[np.ndarray, np.ndarray]:
+        """(caption ids, their linked image ids, -1 when unlinked), in caption id order."""
+        with self.session() as s:
+            rows = s.execute(select(CaptionRow.id, CaptionRow.image_id)
+                             .order_by(CaptionRow.id)).all()
+        return (np.array([r[0] for r in rows], np.int64),
+                np.array([-1 if r[1] is None else r[1] for r in rows], np.int64))
 
     # --- captions ↔ images ------------------------------------------------------------------
     def link_captions(self, session: Session) -> int:

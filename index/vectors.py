@@ -221,10 +221,39 @@ class VectorIndex:
     def size(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inner-product search; returns (scores, ids), ids -1 where fewer than k exist."""
+    def search(self, queries: np.ndarray, k: int,
+               among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Inner-product search; returns (scores, ids), ids -1 where fewer than k exist.
+
+        `among`: only these ids are candidates (a FAISS IDSelectorBatch inside the search, not
+        a filter after it). On IVF the lists visited grow as the share of ids kept shrinks
+        (nprobe / share, at most every list), so as many candidates are scanned as unfiltered.
+        """
         k = max(1, min(k, self.size)) if self.size else 1
-        return self.index.search(np.ascontiguousarray(queries, np.float32), k)
+        queries = np.ascontiguousarray(queries, np.float32)
+        if among is None:
+            return self.index.search(queries, k)
+        faiss = _faiss()
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(among, np.int64))
+        if hasattr(self.index, "id_map"):
+            params = faiss.SearchParameters(sel=selector)
+        else:
+            ivf = faiss.extract_index_ivf(self.index)
+            share = max(len(among) / max(1, self.size), 1e-9)
+            params = faiss.SearchParametersIVF(
+                sel=selector, nprobe=min(ivf.nlist, math.ceil(ivf.nprobe / min(1.0, share))))
+        return self.index.search(queries, k, params=params)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of these ids (all must be in the index), from the index itself:
+        Flat by its id map, IVF by a hash-table direct map made on first use."""
+        faiss = _faiss()
+        ids = np.ascontiguousarray(ids, np.int64)
+        if not hasattr(self.index, "id_map"):
+            ivf = faiss.extract_index_ivf(self.index)
+            if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return self.index.reconstruct_batch(ids)
 
     # --- saving -----------------------------------------------------------------------------
     def save(self) -> Path:

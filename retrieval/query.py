@@ -12,6 +12,8 @@ from pathlib import Path
 from index.errors import UsageProblem
 from index.scan import IMAGE_SUFFIXES
 
+from .filters import SORTS, Filters
+
 __all__ = ["TARGETS", "Hit", "ImageBytes", "ImagePath", "IndexedImage", "Query", "RawVector",
            "SearchResult", "Source", "Term", "TextSource", "parse_weighted", "terms_from"]
 
@@ -172,10 +174,29 @@ class Query:
     under: str | None = None
     dedup: bool = False
     expand: str | None = None
+    filters: Filters = field(default_factory=Filters)
+    sort: str = "relevance"  # | "date" (oldest first) | "-date" (newest first)
+
+    @property
+    def browse(self) -> bool:
+        """No query terms: the filters alone list the library's images by date."""
+        return not self.terms
 
     def __post_init__(self) -> None:
+        if self.sort not in SORTS:
+            raise UsageProblem(f"--sort must be one of {', '.join(SORTS)}, not {self.sort!r}")
         if not self.terms:
-            raise UsageProblem("empty query: give a text, an --image, or both")
+            if not self.filters.active and self.sort == "relevance":
+                raise UsageProblem("empty query: give a text, an --image, or a filter "
+                                   "(--after, --before, --camera, --place, --near, --type) "
+                                   "to list photos by date")
+            if self.target != "images":
+                raise UsageProblem("listing by filters alone shows images: give a query text "
+                                   "or --image to search --target captions")
+            if self.threshold is not None:
+                raise UsageProblem("--threshold needs a query: a text or an --image")
+            if self.expand:
+                raise UsageProblem("--expand needs a query text")
         for term in self.terms:
             if term.kind == "text" and not term.value.strip():
                 raise UsageProblem("empty query text")
@@ -185,14 +206,15 @@ class Query:
             raise UsageProblem(f"--top must be at least 1 (got {self.k})")
         if self.offset < 0:
             raise UsageProblem(f"--offset cannot be negative (got {self.offset})")
-        if all(t.weight <= 0 for t in self.terms):
+        if self.terms and all(t.weight <= 0 for t in self.terms):
             raise UsageProblem("a query needs at least one positive term, not only --not terms")
 
     def as_dict(self) -> dict:
         return {
             "terms": [t.as_dict() for t in self.terms], "target": self.target, "top": self.k,
             "offset": self.offset, "threshold": self.threshold, "under": self.under,
-            "dedup": self.dedup, "expand": self.expand,
+            "dedup": self.dedup, "expand": self.expand, "filters": self.filters.as_dict(),
+            "sort": self.sort,
         }
 
 
@@ -201,15 +223,18 @@ class Hit:
     """One result. Fields that do not apply to its kind are None."""
 
     id: int
-    score: float
+    score: float | None  # cosine similarity; None when listing by filters alone
     kind: str  # "image" | "caption"
     path: str | None  # the image's path (for a caption: its linked image's path, if any)
     text: str | None  # the caption text (for an image: None)
     image_id: int | None  # the image's id (for a caption: its linked image, if any)
+    # the (linked) image's photo metadata: taken_at (ISO), taken_at_source, camera, lens, lat,
+    # lon, alt, place, city, region, country, country_code, width, height, format, bytes
+    meta: dict | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["score"] = round(float(self.score), 6)
+        d["score"] = None if self.score is None else round(float(self.score), 6)
         return d
 
 

@@ -10,9 +10,11 @@ keep full vectors, so their scores are exact already), then filtered
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,9 +22,11 @@ import numpy as np
 from index import Library
 from index.embedder import Embedder
 from index.errors import EmptyLibrary, NotFound, UsageProblem
+from index.photo_meta import iso_time
 from index.scan import Decoded, DecodeFailure, decode_file, decode_image
 from index.vectors import VectorIndex
 
+from .filters import Filters, MetaFrame
 from .query import (
     Hit,
     ImageBytes,
@@ -43,6 +47,11 @@ __all__ = ["Searcher", "build_terms"]
 
 DEDUP_COSINE = 0.985  # images closer than this to a better-ranked hit are near-duplicates
 KIND_OF_TARGET = {"images": "image", "captions": "caption"}
+# A metadata filter that keeps at most this many vectors is answered exactly: their vectors,
+# read from the index, scored against the query (bench/filters.py: ~N ms for 10k at 1M);
+# more go through the index with an IDSelectorBatch (exact on Flat; on IVF with nprobe raised
+# by the share kept). Both return what exact filtered search returns on a Flat index.
+EXACT_FILTER_MAX = 20_000
 
 
 def build_terms(texts: Sequence[str] = (), images: Sequence[str] = (),
@@ -73,6 +82,8 @@ class Searcher:
         self.mmap = mmap
         self.notify = notify
         self._indexes: dict[str, VectorIndex] = {}
+        self._frame: tuple[tuple, MetaFrame] | None = None
+        self._caption_links: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None
         self._saved_expanders = expanders
         self._expanders: "Expanders | None" = None
 
@@ -109,8 +120,11 @@ class Searcher:
                negatives: Sequence[str] = (), target: str = "images", k: int = 10,
                offset: int = 0, threshold: float | None = None,
                under: str | os.PathLike | None = None,
-               dedup: bool = False, expand: "Expansion | str | None" = None) -> SearchResult:
-        """Search with texts and/or images (each may carry a `W:` weight prefix).
+               dedup: bool = False, expand: "Expansion | str | None" = None,
+               filters: Filters | None = None, sort: str = "relevance",
+               **filter_values) -> SearchResult:
+        """Search with texts and/or images (each may carry a `W:` weight prefix), narrowed by
+        photo metadata; with filters and no text or image, list the matching photos by date.
 
         Args:
             text: one query text or several.
@@ -125,6 +139,14 @@ class Searcher:
             dedup: collapse near-identical images (or identical caption texts).
             expand: move the text query towards the image side first: a method name
                 ("contrastive", "prior", "meanshift", "ridge", "pixels") or an Expansion.
+            filters: a ready `Filters`, or the values to parse as keywords: after, before
+                (ISO dates or times, the camera's clock; after inclusive, before exclusive),
+                year, month ("2024-06"), camera, place (country, region or city), near
+                ("LAT,LON[,KM]"), types ("jpeg", ["png", "heic"]). Captions are filtered by
+                their linked image.
+            sort: "relevance" (default), "date" (oldest first) or "-date" (newest first).
+                With a query, the k hits relevance picks (after offset) are put in date
+                order; with filters alone, photos are listed newest first unless "date".
         Returns:
             A SearchResult with the parsed query and the hits, best first.
         """
@@ -132,9 +154,14 @@ class Searcher:
         images = [image] if isinstance(image, (str, os.PathLike)) else list(image or [])
         terms = build_terms(texts, [str(p) for p in images], negatives)
         expansion = _expansion(expand)
+        if filters is None:
+            filters = Filters.parse(**filter_values)
+        elif filter_values:
+            raise TypeError("give `filters` or filter keywords, not both")
         query = Query(terms, target=target, k=k, offset=offset, threshold=threshold,
                       under=_under_folder(under), dedup=dedup,
-                      expand=expansion.method if expansion else None)
+                      expand=expansion.method if expansion else None, filters=filters,
+                      sort=sort)
         return self.run(query, expansion=expansion)
 
     def caption(self, image: str | os.PathLike, *, k: int = 5) -> SearchResult:
@@ -143,6 +170,8 @@ class Searcher:
 
     def run(self, query: Query, *, expansion: "Expansion | None" = None) -> SearchResult:
         """Answer a parsed query: its vector, expanded when asked, searched in its target."""
+        if query.browse:
+            return self.browse(query)
         if expansion is not None:
             return self.expanders.search(query, expansion)
         timings: dict[str, float] = {}
@@ -209,21 +238,126 @@ class Searcher:
             raise EmptyLibrary(f"no {query.target} in this library yet" + (
                 ": add some with `clipdex captions add FILE`" if query.target == "captions"
                 else ": index a folder with `clipdex index PATH`"))
+        t0 = time.perf_counter()
+        allowed = self.allowed_ids(query.target, query.filters)
+        timings["filter"] = (time.perf_counter() - t0) * 1000
         want = query.offset + query.k
         filtering = query.under or query.threshold is not None or query.dedup
-        fetch = min((want + len(exclude)) * (4 if filtering else 1), vi.size)
+        pool = vi.size if allowed is None else len(allowed)
+        if pool == 0:
+            return SearchResult(query, (), timings)
+        if allowed is not None and len(allowed) <= EXACT_FILTER_MAX:
+            candidates = self._exact_among(vi, vector, allowed)
+        else:
+            def candidates(fetch: int) -> tuple[np.ndarray, np.ndarray]:
+                scores, ids = vi.search(vector[None, :], fetch, among=allowed)
+                return self._rescore(vi, vector, scores[0], ids[0])
+        fetch = min((want + len(exclude)) * (4 if filtering else 1), pool)
         while True:
             t0 = time.perf_counter()
-            scores, ids = vi.search(vector[None, :], fetch)
-            scores, ids = self._rescore(vi, vector, scores[0], ids[0])
+            scores, ids = candidates(fetch)
             timings["search"] = (time.perf_counter() - t0) * 1000
             t0 = time.perf_counter()
             hits = self._filter(self._hydrate(query.target, ids, scores), query, exclude, vi)
             timings["hydrate"] = (time.perf_counter() - t0) * 1000
-            if len(hits) >= want or fetch >= vi.size:
+            if len(hits) >= want or fetch >= pool:
                 break
-            fetch = min(fetch * 4, vi.size)
-        return SearchResult(query, tuple(hits[query.offset:want]), timings)
+            fetch = min(fetch * 4, pool)
+        hits = self._with_meta(hits[query.offset:want], query.sort)
+        return SearchResult(query, tuple(hits), timings)
+
+    def _exact_among(self, vi: VectorIndex, vector: np.ndarray, allowed: np.ndarray):
+        """Every allowed vector scored against the query, once; candidates are its best."""
+        try:
+            vectors = vi.vectors(allowed)
+        except RuntimeError:  # an index that cannot reconstruct: the store has them all
+            stored = self.library.store.vectors_for(vi.kind, allowed.tolist())
+            vectors = np.stack([stored[int(i)] for i in allowed])
+        scores = vectors @ vector
+        order = np.argsort(-scores, kind="stable")
+        ranked_scores, ranked_ids = scores[order], allowed[order]
+
+        def candidates(fetch: int) -> tuple[np.ndarray, np.ndarray]:
+            return ranked_scores[:fetch], ranked_ids[:fetch]
+        return candidates
+
+    # --- photo metadata -----------------------------------------------------------------------
+    def meta_frame(self) -> MetaFrame:
+        """Every image's filterable metadata, loaded once and again when the library changes."""
+        store = self.library.store
+        key = store.meta_generation()
+        if self._frame is None or self._frame[0] != key:
+            self._frame = (key, MetaFrame(store.meta_columns()))
+        return self._frame[1]
+
+    def allowed_ids(self, target: str, filters: Filters) -> np.ndarray | None:
+        """The ids (of `target`'s kind) the filters keep; None when there are no filters."""
+        if not filters.active:
+            return None
+        frame = self.meta_frame()
+        if not frame.has_meta and len(frame):
+            raise UsageProblem(
+                "this library has no photo metadata yet: run `clipdex index` on its folders "
+                "once more (metadata is read from the files; nothing is re-embedded)")
+        images = frame.select(filters)
+        if target == "images":
+            return images
+        store = self.library.store
+        key = (store.generation("caption"), store.generation("image"))
+        if self._caption_links is None or self._caption_links[0] != key:
+            self._caption_links = (key, store.caption_links())
+        caption_ids, image_ids = self._caption_links[1]
+        return caption_ids[np.isin(image_ids, images)]
+
+    def browse(self, query: Query) -> SearchResult:
+        """The images the filters keep, by capture time (newest first unless sort="date")."""
+        t0 = time.perf_counter()
+        frame = self.meta_frame()
+        if not len(frame):
+            raise EmptyLibrary(f"the library at {self.library.settings.home} is empty: add "
+                               f"images with `clipdex index PATH` first")
+        if query.filters.active:
+            ids = self.allowed_ids("images", query.filters)
+            taken = frame.taken_of(ids)
+        else:
+            ids, taken = frame.ids, frame.taken
+        # newest first: by -time, undated last, then by id; oldest first: by time, then id
+        dated = np.where(np.isnan(taken), np.inf if query.sort == "date" else -np.inf, taken)
+        order = np.lexsort((ids, dated)) if query.sort == "date" else \
+            np.lexsort((ids, -dated))
+        ranked = ids[order]
+        timings = {"filter": (time.perf_counter() - t0) * 1000}
+        want = query.offset + query.k
+        fetch = min(want * (4 if query.under or query.dedup else 1), len(ranked))
+        vi = self.index_for("images") if query.dedup else None
+        while True:
+            chosen = ranked[:fetch]
+            paths = self.library.store.image_paths(chosen.tolist())
+            hits = [Hit(int(i), None, "image", paths[int(i)], None, int(i))
+                    for i in chosen if int(i) in paths]
+            hits = self._filter(hits, query, set(), vi)
+            if len(hits) >= want or fetch >= len(ranked):
+                break
+            fetch = min(fetch * 4, len(ranked))
+        hits = self._with_meta(hits[query.offset:want], "keep")
+        timings["hydrate"] = (time.perf_counter() - t0) * 1000 - timings["filter"]
+        return SearchResult(query, tuple(hits), timings)
+
+    def _with_meta(self, hits: list[Hit], sort: str) -> list[Hit]:
+        """The hits with their (linked) image's metadata, in `sort` order ("keep": as given)."""
+        store = self.library.store
+        if not hits or not store.has_meta_table:
+            return hits
+        image_ids = [h.image_id for h in hits if h.image_id is not None]
+        raw = store.image_meta(image_ids)
+        hits = [replace(h, meta=_meta_out(raw[h.image_id]))
+                if h.image_id in raw else h for h in hits]
+        if sort in ("date", "-date"):
+            def when(hit: Hit) -> float:
+                value = raw.get(hit.image_id, {}).get("taken_at")
+                return value if value is not None else math.inf * (1 if sort == "date" else -1)
+            hits.sort(key=when, reverse=sort == "-date")  # stable: ties keep relevance order
+        return hits
 
     def _rescore(self, vi: VectorIndex, vector: np.ndarray, scores: np.ndarray,
                  ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +389,8 @@ class Searcher:
         for hit in hits:
             if hit.kind == "image" and hit.id in exclude:
                 continue
-            if query.threshold is not None and hit.score < query.threshold:
+            if query.threshold is not None and hit.score is not None and \
+                    hit.score < query.threshold:
                 break  # hits are sorted: the rest score lower still
             if prefixes and not (hit.path or "").startswith(prefixes):
                 continue
@@ -278,6 +413,20 @@ class Searcher:
             kept.append(hit)
             kept_vectors.append(v)
         return kept
+
+
+def _meta_out(row: dict) -> dict:
+    """A stored metadata row as hits carry it (`meta` in --json and the HTTP API)."""
+    place = ", ".join(dict.fromkeys(p for p in (row.get("city"), row.get("region"),
+                                                row.get("country")) if p)) or None
+    return {"taken_at": iso_time(row.get("taken_at"), row.get("taken_offset")),
+            "taken_at_source": row.get("taken_source"), "camera": row.get("camera"),
+            "lens": row.get("lens"), "lat": row.get("lat"), "lon": row.get("lon"),
+            "alt": row.get("alt"), "place": place, "city": row.get("city"),
+            "region": row.get("region"), "country": row.get("country"),
+            "country_code": row.get("country_code"), "width": row.get("width"),
+            "height": row.get("height"), "format": row.get("format"),
+            "bytes": row.get("bytes")}
 
 
 def _under_folder(under: str | os.PathLike | None) -> str | None:

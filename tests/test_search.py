@@ -175,7 +175,7 @@ def test_cli_json_matches_table_and_paths(library) -> None:
     assert as_json.exit_code == 0, as_json.output
     data = json.loads(as_json.output)
     assert set(data) == {"query", "hits"} and len(data["hits"]) == 5
-    assert set(data["hits"][0]) == {"id", "score", "kind", "path", "text", "image_id"}
+    assert set(data["hits"][0]) == {"id", "score", "kind", "path", "text", "image_id", "meta"}
     assert data["query"]["terms"][0]["value"] == "a blue ring"
     table = _cli(home, "search", "a blue ring", "--top", "5").output.splitlines()
     assert [line.split()[2] for line in table] == [h["path"] for h in data["hits"]]

@@ -44,7 +44,7 @@ from retrieval.server.models import MAX_RESULT_IDS, MAX_TERMS, MAX_TOP  # noqa: 
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = "http://127.0.0.1"  # the server answers only to its own names (the Host rule)
-HIT_KEYS = {"id", "score", "kind", "path", "text", "image_id"}
+HIT_KEYS = {"id", "score", "kind", "path", "text", "image_id", "meta"}
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -432,7 +432,8 @@ def test_pick_examples_keeps_short_distinct_texts() -> None:
 # --- errors speak of request fields, not CLI flags ------------------------------------------
 def test_errors_name_request_fields_not_cli_flags(client: TestClient) -> None:
     empty = _assert_json_error(client.get("/api/search"), 400)
-    assert empty == "empty query: give a text, an image, or both"
+    assert empty == ("empty query: give a text, an image, or a filter (after, before, camera, "
+                     "place, near, type) to list photos by date")
     only_negatives = _assert_json_error(client.post("/api/search", json={"negatives": ["x"]}),
                                         400)
     assert "negatives" in only_negatives and "--" not in only_negatives
@@ -843,7 +844,8 @@ def test_live_server_image_file_gone_is_404(live_server) -> None:
 OPERATIONS = [("GET", "/api/search"), ("POST", "/api/search"), ("POST", "/api/search/upload"),
               ("POST", "/api/caption"), ("POST", "/api/caption/upload"),
               ("GET", "/api/images/{image_id}"), ("GET", "/api/images/{image_id}/thumbnail"),
-              ("GET", "/api/examples"), ("GET", "/api/stats"), ("GET", "/api/health"),
+              ("GET", "/api/examples"), ("GET", "/api/filters"), ("GET", "/api/stats"),
+              ("GET", "/api/health"),
               ("POST", "/knn-service"),
               ("GET", "/indices-list"), ("POST", "/metadata")]
 
@@ -861,7 +863,8 @@ def test_fuzzed_operations_are_all_the_operations(client: TestClient) -> None:
     assert sorted((m.upper(), p) for p, ops in paths.items() for m in ops) == sorted(OPERATIONS)
 
 
-NO_INPUT = {("GET", "/api/examples"), ("GET", "/api/stats"), ("GET", "/api/health"),
+NO_INPUT = {("GET", "/api/examples"), ("GET", "/api/filters"), ("GET", "/api/stats"),
+            ("GET", "/api/health"),
             ("GET", "/indices-list")}
 FUZZ_CASES = [(method, path, mode) for method, path in OPERATIONS
               for mode in ("positive", "negative")

@@ -13,9 +13,13 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 __all__ = [
     "BACKGROUND_KINDS",
@@ -23,6 +27,8 @@ __all__ = [
     "HOLDOUT",
     "SHAPES",
     "Scene",
+    "SceneMeta",
+    "scene_meta",
     "caption_for",
     "render",
     "short_caption",
@@ -63,6 +69,86 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 HOLDOUT: frozenset[tuple[str, str]] = frozenset(
     {("green", "star"), ("blue", "triangle"), ("yellow", "hexagon"), ("red", "cross")}
 )
+
+
+# Photo metadata the generator writes into its JPEGs' EXIF (PNGs carry none), so that every
+# search filter has something to find: capture times over several years, a handful of cameras
+# (as their makers write them, normalised by index.photo_meta), GPS points in real cities.
+SCENE_CAMERAS: tuple[tuple[str, str, str], ...] = (
+    ("Canon", "Canon EOS R5", "RF24-105mm F4 L IS USM"),
+    ("NIKON CORPORATION", "NIKON D750", "24.0-120.0 mm f/4.0"),
+    ("SONY", "ILCE-7M3", "FE 28-70mm F3.5-5.6 OSS"),
+    ("Apple", "iPhone 13", "iPhone 13 back dual wide camera 5.1mm f/1.6"),
+    ("FUJIFILM", "X-T4", "XF18-55mmF2.8-4 R LM OIS"),
+)
+SCENE_CITIES: tuple[tuple[str, float, float, str], ...] = (  # name, lat, lon, UTC offset
+    ("Lisbon", 38.7223, -9.1393, "+01:00"),
+    ("Paris", 48.8566, 2.3522, "+02:00"),
+    ("Tokyo", 35.6762, 139.6503, "+09:00"),
+    ("New York City", 40.7128, -74.0060, "-04:00"),
+    ("Sydney", -33.8688, 151.2093, "+10:00"),
+    ("Reykjavík", 64.1466, -21.9426, "+00:00"),
+)
+SCENE_YEARS = (2019, 2020, 2021, 2022, 2023, 2024)
+
+
+@dataclass(frozen=True)
+class SceneMeta:
+    """The EXIF written into one generated JPEG (fields None where none is written)."""
+
+    taken: "datetime | None"  # DateTimeOriginal, the camera's clock
+    offset: str | None  # OffsetTimeOriginal
+    make: str | None
+    model: str | None
+    lens: str | None
+    city: str | None
+    lat: float | None
+    lon: float | None
+
+
+def scene_meta(number: int, seed: int = 0) -> SceneMeta | None:
+    """The metadata of scene `number` of `write_scenes(seed=seed)`, None for a PNG or one of
+    the JPEGs written without EXIF (every seventh). Independent of the scene's own drawing, so
+    images and captions are those of a generator without metadata."""
+    from datetime import datetime, timedelta
+
+    if number % 3 == 2 or number % 7 == 3:
+        return None
+    rng = random.Random(f"scene-exif-{seed}-{number}")
+    taken = datetime(rng.choice(SCENE_YEARS), 1, 1) + timedelta(
+        days=rng.randrange(365), seconds=rng.randrange(6 * 3600, 22 * 3600))
+    make, model, lens = rng.choice(SCENE_CAMERAS)
+    if number % 5 == 4:  # a camera without GPS, and no offset either
+        return SceneMeta(taken, None, make, model, lens, None, None, None)
+    city, lat, lon, offset = rng.choice(SCENE_CITIES)
+    lat += rng.uniform(-0.01, 0.01)
+    lon += rng.uniform(-0.01, 0.01)
+    return SceneMeta(taken, offset, make, model, lens, city, round(lat, 6), round(lon, 6))
+
+
+def _exif_for(meta: SceneMeta):
+    from PIL.TiffImagePlugin import IFDRational
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = meta.make, meta.model
+    details = exif.get_ifd(0x8769)
+    details[0x9003] = details[0x9004] = meta.taken.strftime("%Y:%m:%d %H:%M:%S")
+    details[0xA434] = meta.lens
+    if meta.offset:
+        details[0x9011] = meta.offset
+    if meta.lat is not None and meta.lon is not None:
+        gps = exif.get_ifd(0x8825)
+
+        def dms(value: float) -> tuple:
+            value = abs(value)
+            degrees, rest = int(value), (abs(value) - int(value)) * 60
+            return (IFDRational(degrees, 1), IFDRational(int(rest), 1),
+                    IFDRational(round((rest - int(rest)) * 60 * 10_000), 10_000))
+
+        gps[1], gps[2] = ("N" if meta.lat >= 0 else "S"), dms(meta.lat)
+        gps[3], gps[4] = ("E" if meta.lon >= 0 else "W"), dms(meta.lon)
+        gps[5], gps[6] = b"\x00", IFDRational(42, 1)
+    return exif
 
 
 @dataclass(frozen=True)
@@ -280,7 +366,8 @@ def write_scenes(
 ) -> list[tuple[str, str]]:
     """Write `count` scenes as images plus captions.jsonl and captions.csv into `directory`.
 
-    Every third image is a PNG, the rest JPEGs. Returns the (relative path, caption) pairs.
+    Every third image is a PNG, the rest JPEGs; most JPEGs carry EXIF (`scene_meta`).
+    Returns the (relative path, caption) pairs.
     """
     directory.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str]] = []
@@ -289,7 +376,9 @@ def write_scenes(
         name = f"scene_{number:05d}.{suffix}"
         image = render(scene, size)
         if suffix == "jpg":
-            image.save(directory / name, quality=92)
+            meta = scene_meta(number, seed)
+            extra = {"exif": _exif_for(meta)} if meta else {}
+            image.save(directory / name, quality=92, **extra)
         else:
             image.save(directory / name)
         rows.append((name, caption_for(scene, number)))

@@ -22,6 +22,7 @@ __all__ = [
     "MAX_TOP",
     "CaptionRequest",
     "ExamplesOut",
+    "FiltersOut",
     "JSONAnswer",
     "KnnHit",
     "KnnRequest",
@@ -101,6 +102,21 @@ class SearchRequest(BaseModel):
     threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
     under: Text | None = Field(None, description="only images below this folder")
     dedup: bool = False
+    after: Text | None = Field(None, description="taken at or after: YYYY, YYYY-MM, YYYY-MM-DD "
+                                                 "or YYYY-MM-DDTHH:MM (camera clock)")
+    before: Text | None = Field(None, description="taken before (same forms)")
+    year: Text | int | None = Field(None, description="taken in this year")
+    month: Text | None = Field(None, description="taken in this month, YYYY-MM")
+    camera: Text | None = Field(None, description="camera make/model contains (any case)")
+    place: Text | None = Field(None, description="city, region or country contains, or a "
+                                                 "country code")
+    near: Text | None = Field(None, description="LAT,LON or LAT,LON,KM (default 10 km)")
+    type: Text | list[Text] | None = Field(None, description="formats: jpeg, png, heic, ... "
+                                                             "(a list, or comma-separated)")
+    sort: Literal["relevance", "date", "-date"] = Field(
+        "relevance", description="date: oldest first; -date: newest first. With a query the "
+                                 "top hits by relevance are put in date order; with filters "
+                                 "alone (no text or image) photos are listed newest first")
 
 
 class CaptionRequest(BaseModel):
@@ -127,15 +143,42 @@ class QueryOut(BaseModel):
     under: str | None
     dedup: bool
     expand: str | None
+    filters: dict[str, Any]
+    sort: Literal["relevance", "date", "-date"]
+
+
+class MetaOut(BaseModel):
+    """The (linked) image's photo metadata; null fields where the file says nothing."""
+
+    taken_at: str | None = Field(None, description="ISO 8601, the camera's clock (with its "
+                                                   "UTC offset when known)")
+    taken_at_source: str | None = Field(None, description="DateTimeOriginal, "
+                                                          "DateTimeDigitized or mtime")
+    camera: str | None = None
+    lens: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    alt: float | None = None
+    place: str | None = None
+    city: str | None = None
+    region: str | None = None
+    country: str | None = None
+    country_code: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    bytes: int | None = None
 
 
 class HitOut(BaseModel):
     id: int
-    score: float
+    score: float | None = Field(description="cosine similarity; null when listing by "
+                                            "filters alone")
     kind: Literal["image", "caption"]
     path: str | None
     text: str | None
     image_id: int | None
+    meta: MetaOut | None = None
 
 
 class SearchOut(BaseModel):
@@ -143,6 +186,16 @@ class SearchOut(BaseModel):
 
     query: QueryOut
     hits: list[HitOut]
+
+
+class FiltersOut(BaseModel):
+    """What the library's photos offer to filter on, most common first."""
+
+    cameras: list[str]
+    places: list[str]
+    types: list[str]
+    taken: dict[str, str | None] | None
+    with_gps: int
 
 
 class ExamplesOut(BaseModel):

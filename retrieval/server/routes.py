@@ -24,6 +24,7 @@ from .models import (
     MAX_TOP,
     CaptionRequest,
     ExamplesOut,
+    FiltersOut,
     SearchOut,
     SearchRequest,
 )
@@ -55,10 +56,18 @@ def search_get(service: ServiceDep,
                top: Annotated[int, Query(ge=1, le=MAX_TOP)] = 10,
                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
-               under: str | None = None, dedup: bool = False) -> dict:
-    """`clipdex search` over HTTP, text terms only: `/api/search?text=a+red+circle`."""
+               under: str | None = None, dedup: bool = False,
+               after: str | None = None, before: str | None = None, year: str | None = None,
+               month: str | None = None, camera: str | None = None, place: str | None = None,
+               near: str | None = None,
+               type: Annotated[list[str], Query(max_length=MAX_TERMS)] = [],  # noqa: A002,B006
+               sort: Literal["relevance", "date", "-date"] = "relevance") -> dict:
+    """`clipdex search` over HTTP, text terms only: `/api/search?text=a+red+circle`; filters
+    alone list photos newest first: `/api/search?place=Lisbon&after=2024-06`."""
     params = SearchParams(texts=text, negatives=negatives, target=target, top=top,
-                          offset=offset, threshold=threshold, under=under, dedup=dedup)
+                          offset=offset, threshold=threshold, under=under, dedup=dedup,
+                          after=after, before=before, year=year, month=month, camera=camera,
+                          place=place, near=near, types=type, sort=sort)
     return service.search(params).as_dict()
 
 
@@ -69,7 +78,13 @@ def search_json(body: SearchRequest, service: ServiceDep) -> dict:
     params = SearchParams(texts=texts, images=[decode_base64(i) for i in images],
                           image_id=body.image_id, negatives=body.negatives, target=body.target,
                           top=body.top, offset=body.offset, threshold=body.threshold,
-                          under=body.under, dedup=body.dedup)
+                          under=body.under, dedup=body.dedup, after=body.after,
+                          before=body.before,
+                          year=None if body.year is None else str(body.year),
+                          month=body.month, camera=body.camera, place=body.place,
+                          near=body.near,
+                          types=[body.type] if isinstance(body.type, str) else body.type or (),
+                          sort=body.sort)
     return service.search(params).as_dict()
 
 
@@ -85,10 +100,22 @@ async def search_upload(service: ServiceDep,
                         offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
                         threshold: Annotated[float | None, Form(ge=-1.0, le=1.0)] = None,
                         under: Annotated[str | None, Form()] = None,
-                        dedup: Annotated[bool, Form()] = False) -> dict:
+                        dedup: Annotated[bool, Form()] = False,
+                        after: Annotated[str | None, Form()] = None,
+                        before: Annotated[str | None, Form()] = None,
+                        year: Annotated[str | None, Form()] = None,
+                        month: Annotated[str | None, Form()] = None,
+                        camera: Annotated[str | None, Form()] = None,
+                        place: Annotated[str | None, Form()] = None,
+                        near: Annotated[str | None, Form()] = None,
+                        type: Annotated[list[str], Form()] = [],  # noqa: A002,B006
+                        sort: Annotated[Literal["relevance", "date", "-date"],
+                                        Form()] = "relevance") -> dict:
     params = SearchParams(texts=text, images=[await f.read() for f in image], image_id=image_id,
                           negatives=negatives, target=target, top=top, offset=offset,
-                          threshold=threshold, under=under, dedup=dedup)
+                          threshold=threshold, under=under, dedup=dedup, after=after,
+                          before=before, year=year, month=month, camera=camera, place=place,
+                          near=near, types=type, sort=sort)
     return (await run_in_threadpool(service.search, params)).as_dict()
 
 
@@ -130,6 +157,12 @@ def image_thumbnail(image_id: ImageId, service: ServiceDep,
 @api.get("/stats", summary="Library statistics (as `clipdex stats --json`)")
 def stats(service: ServiceDep) -> dict[str, Any]:
     return service.stats()
+
+
+@api.get("/filters", response_model=FiltersOut,
+         summary="What the photos offer to filter on (cameras, places, types, dates)")
+def filters(service: ServiceDep) -> dict[str, Any]:
+    return service.filters()
 
 
 @api.get("/examples", response_model=ExamplesOut,

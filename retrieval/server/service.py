@@ -24,6 +24,7 @@ from index import __version__
 from index.errors import NotFound, TooLarge, UsageProblem
 from index.scan import Decoded
 
+from ..filters import FORMAT_ALIASES, Filters
 from ..query import Query, SearchResult, Term, terms_from
 from ..search import Searcher
 from .media import DEFAULT_LIMITS, Limits, OpenedImage, Thumbnails, decode_uploads, open_indexed
@@ -42,7 +43,10 @@ UrlFor = Callable[[int], str]
 # --model, ...) are nothing a request can set, and stay as they are.
 FIELD_OF_FLAG = {"--not terms": "negatives", "--not": "negatives", "--image": "image",
                  "--top": "top", "--offset": "offset", "--target": "target",
-                 "--threshold": "threshold", "--under": "under", "--dedup": "dedup"}
+                 "--threshold": "threshold", "--under": "under", "--dedup": "dedup",
+                 "--after": "after", "--before": "before", "--year": "year",
+                 "--month": "month", "--camera": "camera", "--place": "place",
+                 "--near": "near", "--type": "type", "--sort": "sort"}
 _FLAG = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, FIELD_OF_FLAG)) + r")(?![\w-])")
 EXAMPLES, EXAMPLE_CHARS, EXAMPLE_CANDIDATES = 5, 60, 40  # short captions, spread over the library
 
@@ -61,6 +65,16 @@ class SearchParams:
     threshold: float | None = None
     under: str | None = None
     dedup: bool = False
+    # photo metadata filters, as typed (parsed by retrieval.filters.Filters.parse) and sort
+    after: str | None = None
+    before: str | None = None
+    year: str | None = None
+    month: str | None = None
+    camera: str | None = None
+    place: str | None = None
+    near: str | None = None
+    types: Sequence[str] = ()
+    sort: str = "relevance"
 
 
 @dataclass(frozen=True)
@@ -85,10 +99,13 @@ def search_query(params: SearchParams, uploads: Sequence[Decoded]) -> Query:
     terms = terms_from(params.texts, uploads=zip(params.images, uploads),
                        image_ids=() if params.image_id is None else (params.image_id,),
                        negatives=params.negatives, paths_in_negatives=False)
+    filters = Filters.parse(after=params.after, before=params.before, year=params.year,
+                            month=params.month, camera=params.camera, place=params.place,
+                            near=params.near, types=params.types)
     return Query(terms, target=params.target, k=params.top, offset=params.offset,
                  threshold=params.threshold,
                  under=os.path.abspath(params.under) if params.under else None,
-                 dedup=params.dedup)
+                 dedup=params.dedup, filters=filters, sort=params.sort)
 
 
 def in_request_terms(message: str) -> str:
@@ -112,7 +129,8 @@ def check_sizes(params: SearchParams) -> None:
     terms = len(params.texts) + len(params.images) + len(params.negatives)
     if terms > MAX_TERMS:
         raise TooLarge(f"{terms} query terms; the limit is {MAX_TERMS}")
-    for text in [*params.texts, *params.negatives, params.under or ""]:
+    for text in [*params.texts, *params.negatives, params.under or "", params.camera or "",
+                 params.place or "", params.near or "", params.after or "", params.before or ""]:
         if len(text) > MAX_TEXT:
             raise TooLarge(f"query texts are at most {MAX_TEXT} characters")
 
@@ -228,6 +246,21 @@ class Service:
 
     def stats(self) -> dict:
         return self.searcher.library.stats()
+
+    def filters(self) -> dict:
+        """What the web page's filter bar offers: the library's cameras, places (cities and
+        countries), formats and date range, most common first."""
+        summary = self.searcher.library.photo_summary()
+        cities: dict[str, int] = {}
+        for place, n in summary["places"].items():
+            for part in place.split(", "):
+                cities[part] = cities.get(part, 0) + n
+        return {"cameras": list(summary["cameras"]),
+                "places": sorted(cities, key=lambda p: -cities[p]),
+                "types": [t for t in summary["formats"] if t in FORMAT_ALIASES.values()],
+                "taken": summary["taken"] and {"first": summary["taken"]["first"],
+                                               "last": summary["taken"]["last"]},
+                "with_gps": summary["with_gps"]}
 
     def health(self) -> dict:
         return {"status": "ok", "version": __version__, "model": self.searcher.library.model,
