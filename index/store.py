@@ -455,7 +455,9 @@ class Store:
         """Every image's filterable metadata (images without a row have all None)."""
         columns: dict[str, list] = {name: [] for name in MetaColumns.__dataclass_fields__}
         if not self.has_meta_table:
-            return MetaColumns(**columns)
+            ids = sorted(self.ids("image").tolist())
+            return MetaColumns(**{name: ids if name == "ids" else [None] * len(ids)
+                                  for name in columns})
         names = [name for name in columns if name != "ids"]
         statement = (select(ImageRow.id, *[getattr(ImageMetaRow, n) for n in names])
                      .outerjoin(ImageMetaRow, ImageMetaRow.image_id == ImageRow.id)

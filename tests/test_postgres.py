@@ -44,11 +44,15 @@ def test_postgres_library_equals_the_sqlite_one(tmp_path: Path, postgres_db: str
     def hits(name: str, db: str | None, *query: str) -> list[tuple]:
         result = run(tmp_path / name, db, "search", *query, "--json", "--top", "5")
         assert result.exit_code == 0, result.output
-        return [(h["path"], h["text"], round(h["score"], 5))
+        return [(h["path"], h["text"], h["score"] and round(h["score"], 5), h["meta"])
                 for h in json.loads(result.stdout)["hits"]]
 
-    for query in (["a red circle"], ["a blue square", "--target", "captions"]):
+    for query in (["a red circle"], ["a blue square", "--target", "captions"],
+                  ["a red circle", "--camera", "canon"], ["--place", "Lisbon"],
+                  ["a blue square", "--after", "2021", "--sort", "date", "--type", "jpeg"],
+                  ["--near", "35.68,139.65,20", "--target", "images"]):
         assert hits("postgres", postgres_db, *query) == hits("sqlite", None, *query)
+    assert hits("postgres", postgres_db, "--camera", "o", "--after", "2019")  # metadata found
     rerun = run(tmp_path / "postgres", postgres_db, "index", str(root), "--json")
     report = json.loads(rerun.stdout)
     assert (report["unchanged"], report["new"], report["skipped_failed"]) == (12, 0, 1)
