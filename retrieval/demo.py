@@ -10,7 +10,8 @@ from index.synthetic.scenes import write_scenes
 
 from .search import Searcher
 
-__all__ = ["DEMO_COUNT", "DEMO_SEED", "EXAMPLE_IMAGE", "EXAMPLE_TEXTS", "run_demo"]
+__all__ = ["DEMO_COUNT", "DEMO_SEED", "EXAMPLE_FILTERS", "EXAMPLE_IMAGE", "EXAMPLE_TEXTS",
+           "run_demo"]
 
 DEMO_COUNT, DEMO_SEED = 300, 7
 # Examples the tiny model gets right on the demo's scenes (tests/test_first_hour.py holds them):
@@ -22,11 +23,21 @@ EXAMPLE_TEXTS = {"image": "a yellow triangle", "caption": "two orange stars",
 EXAMPLE_IMAGE = "scene_00007.jpg"  # a large yellow triangle; among the first 10 scenes
 
 
-def _show(echo: Callable[[str], None], title: str, result) -> None:
+# Photo metadata: the scenes' JPEGs carry EXIF (index.synthetic.scenes.scene_meta)
+EXAMPLE_FILTERS = {"text": "a yellow triangle", "camera": "canon", "place": "Lisbon"}
+
+
+def _show(echo: Callable[[str], None], title: str, result, *, meta: bool = False) -> None:
     echo(f"\n{title}")
     for rank, hit in enumerate(result.hits, 1):
         shown = hit.text if hit.kind == "caption" else Path(hit.path).name
-        echo(f"  {rank}. {hit.score:.3f}  {shown}")
+        score = f"{hit.score:.3f}" if hit.score is not None else "    -"
+        about = ""
+        if meta and hit.meta:
+            taken = (hit.meta["taken_at"] or "")[:10]
+            about = "  " + "  ".join(p for p in (taken, hit.meta["camera"], hit.meta["place"])
+                                     if p)
+        echo(f"  {rank}. {score}  {shown}{about}")
 
 
 def run_demo(directory: Path, *, home: Path, db: str | None = None, count: int = DEMO_COUNT,
@@ -54,6 +65,8 @@ def run_demo(directory: Path, *, home: Path, db: str | None = None, count: int =
         library.close()
     echo(f"\nTry your own queries:\n"
          f"  {command} --home {home} search \"three red squares\"\n"
+         f"  {command} --home {home} search \"a blue star\" --after 2022 --place Tokyo\n"
+         f"  {command} --home {home} search --camera iphone --year 2021\n"
          f"  {command} --home {home} caption {example}\n"
          f"  {command} --home {home} stats\n"
          f"  {command} --home {home} serve      # the web page, on http://127.0.0.1:8765/")
@@ -74,3 +87,8 @@ def _tour(echo: Callable[[str], None], searcher: Searcher, example: Path) -> Non
           searcher.search(to_caption, target="captions", k=3))
     _show(echo, f'mixture: "{positive}" not "{negative}"',
           searcher.search(positive, negatives=[negative], k=5))
+    text, camera, place = (EXAMPLE_FILTERS[k] for k in ("text", "camera", "place"))
+    _show(echo, f'filtered: "{text}" --camera {camera} --sort date (oldest first)',
+          searcher.search(text, camera=camera, sort="date", k=5), meta=True)
+    _show(echo, f"filters alone: --place {place} (newest first)",
+          searcher.search(place=place, k=5), meta=True)

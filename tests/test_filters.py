@@ -451,3 +451,54 @@ def test_http_filters_sort_and_browse(library) -> None:
     knn = client.post("/knn-service", json={"text": "a red circle", "camera": "nikon",
                                             "num_images": 3, "modality": "image"})
     assert knn.status_code == 200 and len(knn.json()) == 3
+
+
+# --- hostile metadata in a real run ---------------------------------------------------------
+def _jpeg(path: Path, *, base: dict | None = None, details: dict | None = None,
+          gps: dict | None = None) -> Path:
+    from PIL import Image
+
+    exif = Image.Exif()
+    for tag, value in (base or {}).items():
+        exif[tag] = value
+    for tag, value in (details or {}).items():
+        exif.get_ifd(0x8769)[tag] = value
+    for tag, value in (gps or {}).items():
+        exif.get_ifd(0x8825)[tag] = value
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(path, exif=exif)
+    return path
+
+
+def test_hostile_metadata_is_counted_and_never_stops_indexing(tmp_path: Path) -> None:
+    from PIL.TiffImagePlugin import IFDRational
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _jpeg(photos / "good.jpg", base={0x010F: "Canon", 0x0110: "Canon EOS R5"},
+          details={0x9003: "2021:06:01 14:03:00"})
+    _jpeg(photos / "zero-date.jpg", details={0x9003: "0000:00:00 00:00:00"})
+    _jpeg(photos / "lat-95.jpg", gps={1: "N", 2: (IFDRational(95), IFDRational(0),
+                                                   IFDRational(0)), 3: "E", 4: (1.0, 0.0, 0.0)})
+    _jpeg(photos / "zero-denominator.jpg", gps={1: "N", 2: (IFDRational(1, 0), 0.0, 0.0),
+                                                 3: "E", 4: (1.0, 0.0, 0.0)})
+    _jpeg(photos / "orientation-9.jpg", base={0x0112: 9})
+    _jpeg(photos / "latin1-make.jpg", base={0x010F: b"Cam\xe9ra", 0x0110: "X1"})
+    _jpeg(photos / "maker-note.jpg", base={0x010F: "Sony"},
+          details={0x927C: bytes(range(256)) * 240, 0x9003: "2020:01:02 03:04:05"})
+    result = run(tmp_path / "home", "index", str(photos), "--model", "tiny", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["new"], report["failed"]) == (7, 0)
+    assert report["metadata"]["unusable"] == {"camera": 1, "gps": 2, "orientation": 1,
+                                              "taken_at": 1}
+    searcher = Searcher.open(tmp_path / "home")
+    meta = {Path(searcher.library.store.image_paths([i])[i]).name: m
+            for i, m in all_meta(searcher).items()}
+    searcher.close()
+    assert meta["good.jpg"]["camera"] == "Canon EOS R5"
+    assert meta["zero-date.jpg"]["taken_source"] == "mtime"  # the bad date falls back
+    assert meta["lat-95.jpg"]["lat"] is None and meta["zero-denominator.jpg"]["lat"] is None
+    assert meta["latin1-make.jpg"]["make"] is None and meta["latin1-make.jpg"]["model"] == "X1"
+    assert meta["maker-note.jpg"]["camera"] == "Sony"
+    assert meta["maker-note.jpg"]["taken_source"] == "DateTimeOriginal"
+    assert (meta["orientation-9.jpg"]["width"], meta["orientation-9.jpg"]["height"]) == (48, 40)

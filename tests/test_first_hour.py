@@ -107,7 +107,7 @@ def test_an_unreachable_hub_fails_the_load_at_once_in_one_line(
     started = time.perf_counter()
     with pytest.raises(ModelUnavailable) as failure:
         clip.ClipEmbedder.load(DEFAULT_MODEL, device="cpu", precision="fp32")
-    assert time.perf_counter() - started < 5  # the hub's retries took ~50 s
+    assert time.perf_counter() - started < 20  # not the hub's ~50 s of retries (busy CI: generous)
     message = str(failure.value)
     assert probed == [1] and hub_online == []  # one probe, and no connection at all
     assert "\n" not in message and "huggingface.co cannot be reached" in message, message
@@ -378,6 +378,24 @@ def test_the_demo_examples_are_right(demo_library) -> None:
                    for h in hits), [scene_of(h.path) for h in hits]
 
 
+def test_the_demo_filter_examples_show_what_they_say(demo_library) -> None:
+    from retrieval.demo import EXAMPLE_FILTERS
+
+    searcher, _, scene_of = demo_library
+    text, camera, place = (EXAMPLE_FILTERS[k] for k in ("text", "camera", "place"))
+    filtered = searcher.search(text, camera=camera, sort="date", k=5).hits
+    assert len(filtered) == 5
+    assert all(camera in h.meta["camera"].lower() for h in filtered)
+    assert [h.meta["taken_at"][:19] for h in filtered] == \
+        sorted(h.meta["taken_at"][:19] for h in filtered)
+    # relevance still picks them: the best canon photos for the text are yellow triangles
+    assert scene_of(min(filtered, key=lambda h: -h.score).path).shape == "triangle"
+    listed = searcher.search(place=place, k=5).hits
+    assert len(listed) == 5 and all(h.meta["city"] == place for h in listed)
+    assert [h.meta["taken_at"] for h in listed] == \
+        sorted((h.meta["taken_at"] for h in listed), reverse=True)
+
+
 @pytest.mark.xfail(strict=True, reason="the shipped tiny model was trained on the misspelling "
                    "'crosss'; retraining on 'crosses' (scripts/train_tiny.py) should fix this")
 def test_a_plural_crosses_query_finds_crosses(demo_library) -> None:
@@ -399,7 +417,7 @@ def test_the_demo_prints_commands_that_run_as_printed(tmp_path: Path) -> None:
     assert demo.returncode == 0, demo.stderr
     tail = demo.stdout.split("Try your own queries:\n", 1)[1].splitlines()
     commands = [line.strip() for line in tail if line.startswith("  ") and "--home" in line]
-    assert len(commands) == 4 and all(c.startswith(f"{VENV_CLIPDEX} --home d/library ")
+    assert len(commands) == 6 and all(c.startswith(f"{VENV_CLIPDEX} --home d/library ")
                                       for c in commands), tail
     assert f"source {VENV_CLIPDEX.parent / 'activate'}" in demo.stdout \
         or not (VENV_CLIPDEX.parent / "activate").is_file()
@@ -407,3 +425,7 @@ def test_the_demo_prints_commands_that_run_as_printed(tmp_path: Path) -> None:
     ran = subprocess.run(["bash", "-c", stats], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
     assert ran.returncode == 0 and "images:   10" in ran.stdout, ran.stderr
+    for command in (c for c in commands if " search " in c):  # the filtered ones too
+        ran = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, (command, ran.stderr)
