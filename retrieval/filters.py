@@ -212,14 +212,13 @@ class MetaFrame:
         bounding box lets a row through."""
         out = np.zeros(len(self.ids), bool)
         dlat = math.degrees(km / EARTH_KM)
-        box = keep & (np.abs(self.lat - lat) <= dlat)  # NaN positions fall out here
+        rows = np.flatnonzero(keep & (np.abs(self.lat - lat) <= dlat))  # NaN falls out here
         cos = math.cos(math.radians(lat))
-        if cos > 1e-6 and abs(lat) + dlat < 90:
+        if len(rows) and cos > 1e-6 and abs(lat) + dlat < 90:
             dlon = math.degrees(km / (EARTH_KM * cos))
-            if dlon < 180:
-                gap = np.abs((self.lon - lon + 180.0) % 360.0 - 180.0)
-                box &= gap <= dlon
-        rows = np.flatnonzero(box)
+            if dlon < 180:  # the longitude box, across the antimeridian too
+                gap = np.abs(self.lon[rows] - lon)
+                rows = rows[np.minimum(gap, 360.0 - gap) <= dlon]
         if len(rows):
             out[rows] = _km(lat, lon, self.lat[rows], self.lon[rows]) <= km
         return out

@@ -502,3 +502,19 @@ def test_hostile_metadata_is_counted_and_never_stops_indexing(tmp_path: Path) ->
     assert meta["maker-note.jpg"]["camera"] == "Sony"
     assert meta["maker-note.jpg"]["taken_source"] == "DateTimeOriginal"
     assert (meta["orientation-9.jpg"]["width"], meta["orientation-9.jpg"]["height"]) == (48, 40)
+
+
+def test_near_across_the_antimeridian_and_at_the_pole() -> None:
+    from index.store import MetaColumns
+    from retrieval.filters import MetaFrame
+
+    points = [(0.0, 179.9), (0.0, -179.9), (0.0, 178.0), (89.95, 10.0), (89.95, -170.0),
+              (None, None)]
+    n = len(points)
+    frame = MetaFrame(MetaColumns(
+        ids=list(range(1, n + 1)), taken_at=[0.0] * n, camera=[None] * n,
+        country_code=[None] * n, country=[None] * n, region=[None] * n, city=[None] * n,
+        lat=[p[0] for p in points], lon=[p[1] for p in points], format=["jpeg"] * n))
+    assert frame.select(Filters(near=(0.0, 180.0, 50.0))).tolist() == [1, 2]
+    assert frame.select(Filters(near=(0.0, -180.0, 300.0))).tolist() == [1, 2, 3]
+    assert frame.select(Filters(near=(90.0, 0.0, 20.0))).tolist() == [4, 5]
