@@ -581,6 +581,64 @@ def _top_counts(counts: dict, shown_at_most: int = 6) -> str:
 
 
 @main.command()
+@click.option("--threshold", type=float, default=None, metavar="COS",
+              help="Cosine above which two images are copies, in (0, 1] [default: 0.96, "
+                   "measured with tiny on resized, recompressed and cropped copies].")
+@click.option("--under", type=click.Path(file_okay=False),
+              help="Only images below this folder.")
+@json_option
+@click.option("--paths", "paths_only", is_flag=True,
+              help="Print only the other copies' paths (not the best of each group), one "
+                   "per line.")
+@click.option("--print0", is_flag=True,
+              help="Like --paths, NUL-separated: `clipdex duplicates --print0 | xargs -0 "
+                   "gio trash`.")
+@click.pass_context
+def duplicates(ctx: click.Context, threshold: float | None, under: str | None, as_json: bool,
+               paths_only: bool, print0: bool) -> None:
+    """Groups of near-duplicate images: exact copies, resized or recompressed versions, small
+    crops. Each group lists its best copy first (the most pixels, then the earliest capture
+    time, then the shortest path) and each other copy's cosine to it. Nothing is deleted:
+    --paths/--print0 print the other copies for you to review or pipe to a trash tool.
+    """
+    if sum((as_json, paths_only, print0)) > 1:
+        raise click.UsageError("--json, --paths and --print0 cannot be combined", ctx)
+    from retrieval.duplicates import DUPLICATE_COSINE, find_duplicates
+
+    searcher = _searcher(ctx, None)
+    bar, update = _counting_bar(ctx, "img", "comparing")
+    try:
+        groups = find_duplicates(searcher, under=under,
+                                 threshold=DUPLICATE_COSINE if threshold is None else threshold,
+                                 progress=update)
+    finally:
+        bar.close()
+        searcher.close()
+    if as_json:
+        _emit_json({"threshold": DUPLICATE_COSINE if threshold is None else threshold,
+                    "groups": [g.as_dict() for g in groups]})
+        return
+    if paths_only or print0:
+        sys.stdout.flush()
+        end = b"\0" if print0 else b"\n"
+        for group in groups:
+            for copy in group.others:
+                sys.stdout.buffer.write(os.fsencode(copy.path) + end)
+        sys.stdout.buffer.flush()
+        return
+    if not groups:
+        click.echo("no duplicates", err=True)
+        return
+    extra = sum(len(g.others) for g in groups)
+    for number, group in enumerate(groups, 1):
+        click.echo(f"group {number}: {len(group.copies)} copies")
+        for copy in group.copies:
+            mark = "best " if copy is group.best else f"{copy.cosine:.3f}"
+            click.echo(f"  {mark}  {copy.width}×{copy.height}  {shown(copy.path)}")
+    click.echo(f"{len(groups)} groups, {extra} copies besides the best of each", err=True)
+
+
+@main.command()
 @json_option
 @click.pass_context
 def failures(ctx: click.Context, as_json: bool) -> None:

@@ -1,0 +1,162 @@
+"""Near-duplicate photos: exact copies, resized or recompressed versions, small crops.
+
+Pairs come from the image index itself (a FAISS range search: every vector's neighbours above
+the threshold cosine), groups are the connected components of those pairs (union-find), and
+each group is ordered best copy first: the most pixels, then the earliest capture time, then
+the shortest path. Nothing is ever deleted here; the CLI prints the other copies for a user to
+review or pipe to a trash tool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.errors import EmptyLibrary, UsageProblem
+from index.photo_meta import iso_time
+from index.vectors import VectorIndex
+
+from .search import Searcher
+
+__all__ = ["DUPLICATE_COSINE", "Copy", "DuplicateGroup", "duplicate_pairs", "find_duplicates",
+           "group_pairs"]
+
+# The default threshold: measured on generated scenes with `tiny` (bench/duplicates.py):
+# resized, recompressed, cropped and EXIF-stripped copies against distinct scenes that share
+# colour and shape.
+DUPLICATE_COSINE = 0.96
+CHUNK = 2048  # query vectors per range search
+
+
+@dataclass(frozen=True)
+class Copy:
+    id: int
+    path: str
+    cosine: float  # to the group's best copy (1.0 for the best itself)
+    width: int
+    height: int
+    bytes: int
+    taken_at: str | None
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "path": self.path, "cosine": round(self.cosine, 6),
+                "width": self.width, "height": self.height, "bytes": self.bytes,
+                "taken_at": self.taken_at}
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    copies: tuple[Copy, ...]  # best first
+
+    @property
+    def best(self) -> Copy:
+        return self.copies[0]
+
+    @property
+    def others(self) -> tuple[Copy, ...]:
+        return self.copies[1:]
+
+    def as_dict(self) -> dict:
+        return {"best": self.best.as_dict(), "others": [c.as_dict() for c in self.others]}
+
+
+def duplicate_pairs(vi: VectorIndex, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+                    threshold: float,
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(a, b) id pairs, a < b, whose vectors' cosine exceeds `threshold`, by range search of
+    each chunk of (ids, vectors) against the index (IVF visits its usual nprobe lists)."""
+    found: list[np.ndarray] = []
+    for ids, vectors in chunks:
+        lims, _, neighbours = vi.index.range_search(np.ascontiguousarray(vectors, np.float32),
+                                                    float(threshold))
+        counts = np.diff(lims).astype(np.int64)
+        sources = np.repeat(ids, counts)
+        keep = sources < neighbours  # each pair once; a vector is its own neighbour
+        if keep.any():
+            found.append(np.stack([sources[keep], neighbours[keep]], axis=1))
+        if progress:
+            progress(len(ids))
+    if not found:
+        return np.empty((0, 2), np.int64)
+    return np.unique(np.concatenate(found).astype(np.int64), axis=0)
+
+
+def group_pairs(pairs: np.ndarray) -> list[list[int]]:
+    """Connected components (union-find with path halving) of the pairs' ids, ascending."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs.tolist():
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for x in parent:
+        groups.setdefault(root(x), []).append(x)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def find_duplicates(searcher: Searcher, *, threshold: float = DUPLICATE_COSINE,
+                    under: str | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> list[DuplicateGroup]:
+    """Groups of near-duplicate images in the library, largest first, each best copy first.
+
+    `threshold`: the cosine above which two images are copies of each other, in (0, 1].
+    `under`: only images below this folder (pairs within it).
+    `progress(done, total)` is called as vectors are searched.
+    """
+    if not 0 < threshold <= 1:
+        raise UsageProblem(f"--threshold must be in (0, 1], not {threshold}")
+    store = searcher.library.store
+    vi = searcher.index_for("images")
+    if vi.size == 0:
+        raise EmptyLibrary("no images in this library yet: index a folder with "
+                           "`clipdex index PATH`")
+    total, done = vi.size, 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    # a cosine of exactly 1 is kept too (range search keeps scores above the radius)
+    radius = np.nextafter(np.float32(threshold), np.float32(-1))
+    pairs = duplicate_pairs(vi, store.iter_vectors("image", chunk=CHUNK), radius, step)
+    groups = group_pairs(pairs)
+    if under is not None:
+        from .search import _folder_prefixes, _under_folder
+
+        prefixes = _folder_prefixes(_under_folder(under))
+        paths = store.image_paths([i for g in groups for i in g])
+        groups = [kept for g in groups
+                  if len(kept := [i for i in g if paths.get(i, "").startswith(prefixes)]) > 1]
+    return sorted((_ordered(store, g) for g in groups),
+                  key=lambda g: (-len(g.copies), g.best.path))
+
+
+def _ordered(store, ids: list[int]) -> DuplicateGroup:
+    meta = store.image_meta(ids)
+    paths = store.image_paths(ids)
+    vectors = store.vectors_for("image", ids)
+
+    def rank(i: int) -> tuple:
+        m = meta[i]
+        taken = m.get("taken_at")
+        return (-(m["width"] * m["height"]), taken is None, taken or 0.0, len(paths[i]),
+                paths[i], i)
+
+    order = sorted((i for i in ids if i in paths and i in meta), key=rank)
+    best = vectors[order[0]]
+    return DuplicateGroup(tuple(
+        Copy(i, paths[i], float(vectors[i] @ best), meta[i]["width"], meta[i]["height"],
+             meta[i]["bytes"], iso_time(meta[i].get("taken_at"), meta[i].get("taken_offset")))
+        for i in order))
