@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
