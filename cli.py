@@ -376,6 +376,8 @@ def filter_options(f: Callable) -> Callable:
         click.option("--type", "types", multiple=True, metavar="TYPE",
                      help="Only images of this format: jpeg, png, webp, gif, bmp, tiff, "
                           "heic, avif (repeatable, or comma-separated)."),
+        click.option("--tag", "tags", multiple=True, metavar="LABEL",
+                     help="Only images tagged LABEL by `clipdex tag` (repeatable: all)."),
         click.option("--sort", type=click.Choice(["relevance", "date", "-date"]),
                      default="relevance", show_default=True,
                      help="date: oldest first, -date: newest first. With a query, the --top "
@@ -455,7 +457,7 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
            offset: int, threshold: float | None, under: str | None, dedup: bool, precision: str,
            after: str | None, before: str | None, year: str | None, month: str | None,
            camera: str | None, place: str | None, near: str | None, types: tuple[str, ...],
-           sort: str, expand: str | None, expand_samples: int | None,
+           tags: tuple[str, ...], sort: str, expand: str | None, expand_samples: int | None,
            expand_weight: float | None, expand_seed: int | None, expand_fusion: str | None,
            expand_steps: int | None, generator: str | None, as_json: bool,
            paths_only: bool) -> None:
@@ -493,7 +495,7 @@ def search(ctx: click.Context, text: tuple[str, ...], texts: tuple[str, ...],
     from retrieval.filters import Filters
 
     filters = Filters.parse(after=after, before=before, year=year, month=month, camera=camera,
-                            place=place, near=near, types=types)
+                            place=place, near=near, types=types, tags=tags)
     all_texts = ([" ".join(text)] if text else []) + list(texts)
     expansion = Expansion.from_options(expand, samples=expand_samples, weight=expand_weight,
                                        seed=expand_seed, fusion=expand_fusion,
@@ -569,6 +571,8 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"places:   {_top_counts(photos['places'])}")
     if photos["with_metadata"]:
         click.echo(f"gps:      {photos['with_gps']} of {photos['with_metadata']} photos")
+    if data.get("tags"):
+        click.echo(f"tags:     {_top_counts(data['tags'], 10)}")
     if photos["needs_reindex"] > 0 and data["images"]:
         click.echo(f"metadata: {photos['needs_reindex']} photos have none yet: run "
                    f"`clipdex index` on their folders (nothing is re-embedded)")
@@ -636,6 +640,38 @@ def duplicates(ctx: click.Context, threshold: float | None, under: str | None, a
             mark = "best " if copy is group.best else f"{copy.cosine:.3f}"
             click.echo(f"  {mark}  {copy.width}×{copy.height}  {shown(copy.path)}")
     click.echo(f"{len(groups)} groups, {extra} copies besides the best of each", err=True)
+
+
+@main.command()
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Labels to tag with: one per line, `# comments`, `[group]` lines start a "
+                   "group [default: built in: shapes and colours for tiny, everyday "
+                   "concepts for real models].")
+@json_option
+@click.pass_context
+def tag(ctx: click.Context, labels: Path | None, as_json: bool) -> None:
+    """Tag every image zero-shot with CLIP's text tower (replacing earlier tags).
+
+    \b
+    Each label's vector is the mean of its prompts' ("a photo of a {}.", …); within each group
+    an image gets its best label, and any other scoring ≥ 0.3 (softmax at CLIP's scale).
+    Once a library has tags, `clipdex index` tags new images the same way. Search with
+    --tag LABEL; tags are in `search --json` (meta.tags), `stats` and the web page.
+    """
+    library = _library(ctx)
+    bar, update = _counting_bar(ctx, "img", "tagging")
+    try:
+        report = library.tag(labels, progress=update)
+    finally:
+        bar.close()
+        library.close()
+    if as_json:
+        _emit_json(report)
+        return
+    click.echo(f"tagged {report['images']} images with {report['labels']} labels "
+               f"({report['source']})")
+    if report["tags"]:
+        click.echo(f"tags: {_top_counts(report['tags'], 12)}")
 
 
 @main.command()

@@ -86,6 +86,7 @@ class IngestReport:
     queries: str = ""  # the ONNX query export: "ready", "exported…", or why queries use torch
     export_seconds: float = 0.0  # of total_seconds, exporting the model for queries
     metadata: dict = field(default_factory=dict)  # photo metadata read this run (_MetaCounts)
+    tagged: int = 0  # images given zero-shot tags this run (once a library has tags)
 
     @property
     def failures_remain(self) -> bool:
@@ -105,7 +106,7 @@ class IngestReport:
             "images_per_second": round((self.new + self.changed) / self.seconds, 2)
             if self.seconds else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
-            "metadata": self.metadata,
+            "metadata": self.metadata, "tagged": self.tagged,
             "index": self.index,
         }
 

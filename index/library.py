@@ -258,6 +258,7 @@ class Library:
         export_started = time.perf_counter()
         queries = self.prepare_queries(note)
         export_seconds = time.perf_counter() - export_started
+        tagged = self._tag_untagged()
         from dataclasses import replace
 
         load = sum(loading)
@@ -266,7 +267,62 @@ class Library:
                                       "captions": captions.describe()},
                        seconds=max(0.0, report.seconds - lazy), model_load_seconds=load,
                        total_seconds=time.perf_counter() - started, queries=queries,
-                       export_seconds=export_seconds)
+                       export_seconds=export_seconds, tagged=tagged)
+
+    # --- tags -------------------------------------------------------------------------------
+    def tag(self, labels: str | os.PathLike | None = None, *,
+            progress: Callable[[int, int], None] | None = None) -> dict:
+        """Tag every image zero-shot from `labels` (a label file; default: the built-in
+        vocabulary for the library's model), replacing earlier tags; new images are then
+        tagged by each `index` run. Returns counts per label."""
+        from .tags import builtin_vocabulary, read_labels
+
+        if self.model is None:
+            raise EmptyLibrary(f"the library at {self.settings.home} is empty: add images "
+                               f"with `clipdex index PATH` first")
+        vocabulary = read_labels(labels) if labels is not None else builtin_vocabulary(self.model)
+        ids = self.store.ids("image")
+        self._write_tags(vocabulary, ids, replace_all=True, progress=progress)
+        with self.store.session() as s, s.begin():
+            self.store.set_meta(s, "tags.vocabulary", vocabulary.to_json())
+        return {"images": len(ids), "labels": vocabulary.size, "source": vocabulary.source,
+                "tags": self.store.tag_summary()}
+
+    def _tag_untagged(self) -> int:
+        """Tag the images that have none yet, once the library has a vocabulary."""
+        from .tags import Vocabulary
+
+        recorded = self.store.tag_vocabulary()
+        if not recorded:
+            return 0
+        ids = self.store.untagged_image_ids()
+        if ids:
+            self._write_tags(Vocabulary.from_json(recorded), ids, replace_all=False)
+        return len(ids)
+
+    def _write_tags(self, vocabulary, ids, *, replace_all: bool,
+                    progress: Callable[[int, int], None] | None = None,
+                    chunk: int = 4096) -> None:
+        import numpy as np
+
+        from .tags import label_vectors, tag_vectors
+
+        labels = label_vectors(self.query_embedder(), vocabulary)
+        ids = [int(i) for i in ids]
+        with self.store.session() as s, s.begin():  # all or nothing: a kill keeps the old tags
+            if replace_all:
+                self.store.replace_tags(s, [], image_ids=None)
+            for start in range(0, len(ids), chunk):
+                part = ids[start:start + chunk]
+                stored = self.store.vectors_for("image", part)
+                present = [i for i in part if i in stored]
+                tags = tag_vectors(np.stack([stored[i] for i in present]) if present
+                                   else np.empty((0, 1), np.float32), vocabulary, labels)
+                self.store.replace_tags(
+                    s, [(i, t.group, t.label, t.score) for i, image_tags in zip(present, tags)
+                        for t in image_tags], image_ids=present)
+                if progress:
+                    progress(min(start + chunk, len(ids)), len(ids))
 
     def add_captions(self, path: str | os.PathLike, *, format: str | None = None,
                      model: str | None = None, precision: str | None = None,
@@ -316,6 +372,7 @@ class Library:
             "index": index_info,
             "bytes": _disk_bytes(self.settings),
             "photos": self.photo_summary(),
+            "tags": self.store.tag_summary(),
         }
 
     def photo_summary(self) -> dict:

@@ -50,8 +50,9 @@ __all__ = [
 ]
 
 # 1: images, captions, failures. 2: image_meta (photo metadata; made on a writer's open, its
-# rows filled by the next `clipdex index` without re-embedding anything).
-SCHEMA_VERSION = 2
+# rows filled by the next `clipdex index` without re-embedding anything). 3: image_tags
+# (zero-shot tags, written by `clipdex tag` and then at index time).
+SCHEMA_VERSION = 3
 KINDS = ("image", "caption")
 
 
@@ -184,6 +185,17 @@ class ImageMetaRow(Base):
     country: Mapped[str | None] = mapped_column(String(128))
     region: Mapped[str | None] = mapped_column(String(128))
     city: Mapped[str | None] = mapped_column(String(200))
+
+
+class ImageTagRow(Base):
+    """A zero-shot tag of an image (index.tags): its label within a group, and its score."""
+
+    __tablename__ = "image_tags"
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    grp: Mapped[str] = mapped_column(String(100), primary_key=True)
+    label: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+    score: Mapped[float] = mapped_column(Float)
 
 
 META_FIELDS = ("taken_at", "taken_offset", "taken_source", "make", "model", "camera", "lens",
@@ -517,6 +529,73 @@ class Store:
                            for city, country, n in places},
                 "with_gps": int(with_gps),
                 "formats": {k: v for k, v in formats.items() if k}}
+
+    # --- tags ---------------------------------------------------------------------------------
+    @property
+    def has_tag_table(self) -> bool:
+        return self.schema_version >= 3
+
+    def tag_vocabulary(self) -> str | None:
+        """The vocabulary (index.tags.Vocabulary JSON) `clipdex tag` last used, if any."""
+        return self.get_meta("tags.vocabulary") if self.has_tag_table else None
+
+    def replace_tags(self, session: Session, rows: Iterable[tuple[int, str, str, float]], *,
+                     image_ids: Iterable[int] | None = None) -> int:
+        """Write (image id, group, label, score) rows; the tags of `image_ids` (all images
+        when None) are dropped first."""
+        if image_ids is None:
+            session.execute(delete(ImageTagRow))
+        else:
+            for chunk in _chunks(image_ids):
+                session.execute(delete(ImageTagRow).where(ImageTagRow.image_id.in_(chunk)))
+        rows = [{"image_id": i, "grp": g, "label": label, "score": sc}
+                for i, g, label, sc in rows]
+        if rows:
+            session.execute(insert(ImageTagRow), rows)
+        self.bump_generation(session, "meta")
+        return len(rows)
+
+    def untagged_image_ids(self) -> list[int]:
+        if not self.has_tag_table:
+            return []
+        with self.session() as s:
+            tagged = select(ImageTagRow.image_id)
+            return list(s.scalars(select(ImageRow.id).where(ImageRow.id.not_in(tagged))))
+
+    def tag_ids(self) -> dict[str, np.ndarray]:
+        """label (lower case) -> ascending ids of the images tagged with it."""
+        if not self.has_tag_table:
+            return {}
+        out: dict[str, list[int]] = defaultdict(list)
+        with self.session() as s:
+            for image_id, label in s.execute(select(ImageTagRow.image_id, ImageTagRow.label)
+                                             .order_by(ImageTagRow.image_id)):
+                out[label.lower()].append(image_id)
+        return {label: np.unique(np.array(ids, np.int64)) for label, ids in out.items()}
+
+    def image_tags(self, ids: Iterable[int]) -> dict[int, list[tuple[str, str, float]]]:
+        """id -> its (group, label, score) tags, best first within each group."""
+        out: dict[int, list[tuple[str, str, float]]] = defaultdict(list)
+        if not self.has_tag_table:
+            return out
+        with self.session() as s:
+            for chunk in _chunks(ids):
+                for row in s.execute(select(ImageTagRow.image_id, ImageTagRow.grp,
+                                            ImageTagRow.label, ImageTagRow.score)
+                                     .where(ImageTagRow.image_id.in_(chunk))
+                                     .order_by(ImageTagRow.image_id, ImageTagRow.grp,
+                                               ImageTagRow.score.desc())):
+                    out[row.image_id].append((row.grp, row.label, float(row.score)))
+        return out
+
+    def tag_summary(self) -> dict[str, int]:
+        """label -> how many images carry it, most first."""
+        if not self.has_tag_table:
+            return {}
+        with self.session() as s:
+            rows = s.execute(select(ImageTagRow.label, func.count()).group_by(ImageTagRow.label)
+                             .order_by(func.count().desc(), ImageTagRow.label)).all()
+        return {label: int(n) for label, n in rows}
 
     def caption_links(self) -> tuple[np.ndarray, np.ndarray]:
         """(caption ids, their linked image ids, -1 when unlinked), in caption id order."""

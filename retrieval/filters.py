@@ -111,12 +111,14 @@ class Filters:
     place: str | None = None
     near: tuple[float, float, float] | None = None
     types: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # zero-shot tags (`clipdex tag`), all of them, any case
 
     @classmethod
     def parse(cls, *, after: str | None = None, before: str | None = None,
               year: int | str | None = None, month: str | None = None,
               camera: str | None = None, place: str | None = None, near: str | None = None,
-              types: str | Sequence[str] = (), names: dict | None = None) -> "Filters":
+              types: str | Sequence[str] = (), tags: str | Sequence[str] = (),
+              names: dict | None = None) -> "Filters":
         """Filters from user-typed values (CLI flags, HTTP fields); `names` maps each option
         to what the caller calls it in errors (default: the CLI flag)."""
         names = {"after": "--after", "before": "--before", "year": "--year",
@@ -141,20 +143,24 @@ class Filters:
             lows.append(low)
             highs.append(high)
         types = [types] if isinstance(types, str) else list(types or ())
+        tags = [tags] if isinstance(tags, str) else list(tags or ())
         return cls(after=max(lows) if lows else None, before=min(highs) if highs else None,
                    camera=_clean(camera), place=_clean(place),
                    near=parse_near(near, names["near"]) if near not in (None, "") else None,
-                   types=parse_types(types, names["type"]))
+                   types=parse_types(types, names["type"]),
+                   tags=tuple(dict.fromkeys(t.lower() for t in map(_clean, tags) if t)))
 
     @property
     def active(self) -> bool:
         return any(v not in (None, ()) for v in (self.after, self.before, self.camera,
-                                                  self.place, self.near, self.types))
+                                                  self.place, self.near, self.types,
+                                                  self.tags))
 
     def as_dict(self) -> dict:
         return {"after": iso_time(self.after, None), "before": iso_time(self.before, None),
                 "camera": self.camera, "place": self.place,
-                "near": list(self.near) if self.near else None, "type": list(self.types)}
+                "near": list(self.near) if self.near else None, "type": list(self.types),
+                "tag": list(self.tags)}
 
 
 def _clean(text: str | None) -> str | None:
@@ -165,7 +171,8 @@ def _clean(text: str | None) -> str | None:
 class MetaFrame:
     """Every image's filterable metadata as numpy columns (row i: image ids[i])."""
 
-    def __init__(self, columns: MetaColumns) -> None:
+    def __init__(self, columns: MetaColumns, tags: dict[str, np.ndarray] | None = None) -> None:
+        self.tags = tags or {}  # label (lower case) -> ascending ids
         self.ids = np.asarray(columns.ids, np.int64)
         self.taken = _floats(columns.taken_at)
         self.lat = _floats(columns.lat)
@@ -199,6 +206,9 @@ class MetaFrame:
         if filters.types:
             keep &= _any_code(self.format_codes, [i for i, name in enumerate(self.formats)
                                                   if name in filters.types])
+        for tag in filters.tags:
+            keep &= np.isin(self.ids, self.tags.get(tag, np.empty(0, np.int64)),
+                            assume_unique=True)
         if filters.near:
             keep &= self._within(*filters.near, keep)
         return keep

@@ -188,8 +188,8 @@ class Query:
         if not self.terms:
             if not self.filters.active and self.sort == "relevance":
                 raise UsageProblem("empty query: give a text, an --image, or a filter "
-                                   "(--after, --before, --camera, --place, --near, --type) "
-                                   "to list photos by date")
+                                   "(--after, --before, --camera, --place, --near, --type, "
+                                   "--tag) to list photos by date")
             if self.target != "images":
                 raise UsageProblem("listing by filters alone shows images: give a query text "
                                    "or --image to search --target captions")

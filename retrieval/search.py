@@ -142,8 +142,9 @@ class Searcher:
             filters: a ready `Filters`, or the values to parse as keywords: after, before
                 (ISO dates or times, the camera's clock; after inclusive, before exclusive),
                 year, month ("2024-06"), camera, place (country, region or city), near
-                ("LAT,LON[,KM]"), types ("jpeg", ["png", "heic"]). Captions are filtered by
-                their linked image.
+                ("LAT,LON[,KM]"), types ("jpeg", ["png", "heic"]), tags (zero-shot tags
+                from `clipdex tag`, all must match). Captions are filtered by their linked
+                image.
             sort: "relevance" (default), "date" (oldest first) or "-date" (newest first).
                 With a query, the k hits relevance picks (after offset) are put in date
                 order; with filters alone, photos are listed newest first unless "date".
@@ -292,7 +293,7 @@ class Searcher:
         store = self.library.store
         key = store.meta_generation()
         if self._frame is None or self._frame[0] != key:
-            self._frame = (key, MetaFrame(store.meta_columns()))
+            self._frame = (key, MetaFrame(store.meta_columns(), store.tag_ids()))
         return self._frame[1]
 
     def allowed_ids(self, target: str, filters: Filters) -> np.ndarray | None:
@@ -304,6 +305,8 @@ class Searcher:
             raise UsageProblem(
                 "this library has no photo metadata yet: run `clipdex index` on its folders "
                 "once more (metadata is read from the files; nothing is re-embedded)")
+        if filters.tags:
+            _check_tags(filters.tags, frame.tags)
         images = frame.select(filters)
         if target == "images":
             return images
@@ -355,7 +358,10 @@ class Searcher:
             return hits
         image_ids = [h.image_id for h in hits if h.image_id is not None]
         raw = store.image_meta(image_ids)
-        hits = [replace(h, meta=_meta_out(raw[h.image_id]))
+        tags = store.image_tags(image_ids)
+        hits = [replace(h, meta={**_meta_out(raw[h.image_id]), "tags": [
+                    {"group": g, "label": label, "score": round(score, 4)}
+                    for g, label, score in tags.get(h.image_id, [])]})
                 if h.image_id in raw else h for h in hits]
         if sort in ("date", "-date"):
             def when(hit: Hit) -> float:
@@ -418,6 +424,16 @@ class Searcher:
             kept.append(hit)
             kept_vectors.append(v)
         return kept
+
+
+def _check_tags(wanted: Sequence[str], known: dict) -> None:
+    """A tag no image has is a usage error naming the ones there are (not "no results")."""
+    if not known:
+        raise UsageProblem("this library has no tags yet: run `clipdex tag` first")
+    missing = [t for t in wanted if t not in known]
+    if missing:
+        some = ", ".join(sorted(known, key=lambda t: -len(known[t]))[:12])
+        raise UsageProblem(f"--tag: no image is tagged {missing[0]!r}; tags here: {some}")
 
 
 def _meta_out(row: dict) -> dict:

@@ -363,6 +363,7 @@ SCHEMA_1 = {
 def _downgrade_to_schema_1(db: Path) -> None:
     with sqlite3.connect(db) as connection:
         connection.execute("DROP TABLE image_meta")
+        connection.execute("DROP TABLE image_tags")
         connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         connection.execute("DELETE FROM meta WHERE key = 'generation.meta'")
     with sqlite3.connect(db) as connection:
@@ -389,7 +390,7 @@ def test_a_schema_1_library_gains_metadata_without_re_embedding(tmp_path: Path) 
         report = lib.index([photos])
         after = {i: v.tobytes() for ids, vs in lib.store.iter_vectors("image")
                  for i, v in zip(ids.tolist(), vs)}
-        assert lib.store.get_meta("schema_version") == "2"
+        assert lib.store.get_meta("schema_version") == "3"
     assert (report.new, report.changed, report.unchanged) == (0, 0, 12)
     assert report.metadata["updated_without_embedding"] == 12
     assert after == before  # same ids, same vectors: nothing was embedded again

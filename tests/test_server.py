@@ -433,7 +433,7 @@ def test_pick_examples_keeps_short_distinct_texts() -> None:
 def test_errors_name_request_fields_not_cli_flags(client: TestClient) -> None:
     empty = _assert_json_error(client.get("/api/search"), 400)
     assert empty == ("empty query: give a text, an image, or a filter (after, before, camera, "
-                     "place, near, type) to list photos by date")
+                     "place, near, type, tag) to list photos by date")
     only_negatives = _assert_json_error(client.post("/api/search", json={"negatives": ["x"]}),
                                         400)
     assert "negatives" in only_negatives and "--" not in only_negatives

@@ -113,6 +113,8 @@ class SearchRequest(BaseModel):
     near: Text | None = Field(None, description="LAT,LON or LAT,LON,KM (default 10 km)")
     type: Text | list[Text] | None = Field(None, description="formats: jpeg, png, heic, ... "
                                                              "(a list, or comma-separated)")
+    tag: Text | list[Text] | None = Field(None, description="zero-shot tags (`clipdex tag`), "
+                                                            "all must match")
     sort: Literal["relevance", "date", "-date"] = Field(
         "relevance", description="date: oldest first; -date: newest first. With a query the "
                                  "top hits by relevance are put in date order; with filters "
@@ -168,6 +170,8 @@ class MetaOut(BaseModel):
     height: int | None = None
     format: str | None = None
     bytes: int | None = None
+    tags: list[dict[str, Any]] = Field(default_factory=list,
+                                       description="zero-shot tags: group, label, score")
 
 
 class HitOut(BaseModel):
@@ -192,6 +196,7 @@ class FiltersOut(BaseModel):
     """What the library's photos offer to filter on, most common first."""
 
     cameras: list[str]
+    tags: list[str]
     places: list[str]
     types: list[str]
     taken: dict[str, str | None] | None

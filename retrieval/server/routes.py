@@ -61,13 +61,14 @@ def search_get(service: ServiceDep,
                month: str | None = None, camera: str | None = None, place: str | None = None,
                near: str | None = None,
                type: Annotated[list[str], Query(max_length=MAX_TERMS)] = [],  # noqa: A002,B006
+               tag: Annotated[list[str], Query(max_length=MAX_TERMS)] = [],  # noqa: B006
                sort: Literal["relevance", "date", "-date"] = "relevance") -> dict:
     """`clipdex search` over HTTP, text terms only: `/api/search?text=a+red+circle`; filters
     alone list photos newest first: `/api/search?place=Lisbon&after=2024-06`."""
     params = SearchParams(texts=text, negatives=negatives, target=target, top=top,
                           offset=offset, threshold=threshold, under=under, dedup=dedup,
                           after=after, before=before, year=year, month=month, camera=camera,
-                          place=place, near=near, types=type, sort=sort)
+                          place=place, near=near, types=type, tags=tag, sort=sort)
     return service.search(params).as_dict()
 
 
@@ -84,6 +85,7 @@ def search_json(body: SearchRequest, service: ServiceDep) -> dict:
                           month=body.month, camera=body.camera, place=body.place,
                           near=body.near,
                           types=[body.type] if isinstance(body.type, str) else body.type or (),
+                          tags=[body.tag] if isinstance(body.tag, str) else body.tag or (),
                           sort=body.sort)
     return service.search(params).as_dict()
 
@@ -109,13 +111,14 @@ async def search_upload(service: ServiceDep,
                         place: Annotated[str | None, Form()] = None,
                         near: Annotated[str | None, Form()] = None,
                         type: Annotated[list[str], Form()] = [],  # noqa: A002,B006
+                        tag: Annotated[list[str], Form()] = [],  # noqa: B006
                         sort: Annotated[Literal["relevance", "date", "-date"],
                                         Form()] = "relevance") -> dict:
     params = SearchParams(texts=text, images=[await f.read() for f in image], image_id=image_id,
                           negatives=negatives, target=target, top=top, offset=offset,
                           threshold=threshold, under=under, dedup=dedup, after=after,
                           before=before, year=year, month=month, camera=camera, place=place,
-                          near=near, types=type, sort=sort)
+                          near=near, types=type, tags=tag, sort=sort)
     return (await run_in_threadpool(service.search, params)).as_dict()
 
 

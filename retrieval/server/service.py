@@ -46,7 +46,7 @@ FIELD_OF_FLAG = {"--not terms": "negatives", "--not": "negatives", "--image": "i
                  "--threshold": "threshold", "--under": "under", "--dedup": "dedup",
                  "--after": "after", "--before": "before", "--year": "year",
                  "--month": "month", "--camera": "camera", "--place": "place",
-                 "--near": "near", "--type": "type", "--sort": "sort"}
+                 "--near": "near", "--type": "type", "--tag": "tag", "--sort": "sort"}
 _FLAG = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, FIELD_OF_FLAG)) + r")(?![\w-])")
 EXAMPLES, EXAMPLE_CHARS, EXAMPLE_CANDIDATES = 5, 60, 40  # short captions, spread over the library
 
@@ -74,6 +74,7 @@ class SearchParams:
     place: str | None = None
     near: str | None = None
     types: Sequence[str] = ()
+    tags: Sequence[str] = ()
     sort: str = "relevance"
 
 
@@ -101,7 +102,7 @@ def search_query(params: SearchParams, uploads: Sequence[Decoded]) -> Query:
                        negatives=params.negatives, paths_in_negatives=False)
     filters = Filters.parse(after=params.after, before=params.before, year=params.year,
                             month=params.month, camera=params.camera, place=params.place,
-                            near=params.near, types=params.types)
+                            near=params.near, types=params.types, tags=params.tags)
     return Query(terms, target=params.target, k=params.top, offset=params.offset,
                  threshold=params.threshold,
                  under=os.path.abspath(params.under) if params.under else None,
@@ -256,6 +257,7 @@ class Service:
             for part in place.split(", "):
                 cities[part] = cities.get(part, 0) + n
         return {"cameras": list(summary["cameras"]),
+                "tags": list(self.store.tag_summary()),
                 "places": sorted(cities, key=lambda p: -cities[p]),
                 "types": [t for t in summary["formats"] if t in FORMAT_ALIASES.values()],
                 "taken": summary["taken"] and {"first": summary["taken"]["first"],
