@@ -142,6 +142,12 @@ class Filters:
             low, high = parse_when(str(month).strip(), names["month"])
             lows.append(low)
             highs.append(high)
+        if lows and highs and max(lows) >= min(highs):
+            given = ", ".join(names[k] for k, v in (("after", after), ("before", before),
+                                                    ("year", year), ("month", month))
+                              if v not in (None, ""))
+            raise UsageProblem(f"{given}: these dates leave no time between them (after is "
+                               f"inclusive, before exclusive)")
         types = [types] if isinstance(types, str) else list(types or ())
         tags = [tags] if isinstance(tags, str) else list(tags or ())
         return cls(after=max(lows) if lows else None, before=min(highs) if highs else None,

@@ -349,7 +349,8 @@ class Searcher:
             fetch = min(fetch * 4, len(ranked))
         hits = self._with_meta(hits[query.offset:want], "keep")
         timings["hydrate"] = (time.perf_counter() - t0) * 1000 - timings["filter"]
-        return SearchResult(query, tuple(hits), timings)
+        shown = query if query.sort != "relevance" else replace(query, sort="-date")
+        return SearchResult(shown, tuple(hits), timings)
 
     def _with_meta(self, hits: list[Hit], sort: str) -> list[Hit]:
         """The hits with their (linked) image's metadata, in `sort` order ("keep": as given)."""

@@ -212,6 +212,7 @@ def test_browse_with_filters_alone_lists_newest_first(library) -> None:
     times = [meta[h.id]["taken_at"] for h in result.hits]
     assert times == sorted(times, reverse=True)
     assert all(h.score is None for h in result.hits)
+    assert result.query.sort == "-date"  # the order the listing is in, echoed
     oldest = searcher.search(place="Lisbon", after="2019-06-01", k=100, sort="date")
     assert [h.id for h in oldest.hits] == [h.id for h in result.hits][::-1]
     page = searcher.search(place="Lisbon", after="2019-06-01", k=2, offset=1)
@@ -288,6 +289,8 @@ def test_dates_name_spans_of_clock_time() -> None:
     ({"near": "38.7"}, "--near"),
     ({"near": "nan,1"}, "--near"),
     ({"types": ["jpeg", "raw"]}, "--type: unknown image type 'raw'"),
+    ({"after": "2022", "before": "2021"}, "--after, --before: these dates leave no time"),
+    ({"year": "2021", "after": "2022-01-01"}, "--after, --year: these dates leave no time"),
 ])
 def test_bad_filter_values_are_usage_errors(values: dict, message: str) -> None:
     with pytest.raises(UsageProblem, match=message.replace("(", r"\(").replace("+", r"\+")):

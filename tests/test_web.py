@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -251,4 +252,221 @@ def test_errors_are_shown_on_the_page(page) -> None:
     page.fill("#q", "a ring")
     page.keyboard.press("Enter")
     expect(page.locator("#results article.hit").first).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#status")).not_to_have_class("error")
+
+
+# --- the filter bar: photo metadata (EXIF time, camera, GPS place, format) -------------------
+# write_scenes(seed=11) gives its JPEGs EXIF (index.synthetic.scenes.scene_meta); PNGs and every
+# seventh JPEG have none and are dated by their file time. Reykjavík has five photos, all Canon
+# or iPhone, 2019-2022; 2021 has four, the last on 2021-12-06 (16:29, New York).
+
+def _api_search(page, server_url, body: dict) -> list[dict]:
+    response = page.request.post(server_url[0] + "/api/search", data=body)
+    assert response.ok, response.text()
+    return response.json()["hits"]
+
+
+def _shown_dates(page) -> list[str]:
+    """The capture times under the thumbnails as shown ("2021-06-01 14:03"), "~" dropped."""
+    return [t.lstrip("~") for t in page.locator("#results .hit time.taken").all_inner_texts()]
+
+
+def _hits(page):
+    return page.locator("#results article.hit")
+
+
+def test_the_filter_bar_is_filled_from_the_library(page, server_url) -> None:
+    expect = playwright_api.expect
+    offered = page.request.get(server_url[0] + "/api/filters").json()
+    assert "Canon EOS R5" in offered["cameras"] and "Reykjavík" in offered["places"]
+    expect(page.locator("#cameras option")).to_have_count(len(offered["cameras"]))
+    cameras = page.eval_on_selector_all("#cameras option", "os => os.map(o => o.value)")
+    places = page.eval_on_selector_all("#places option", "os => os.map(o => o.value)")
+    types = page.eval_on_selector_all("#type option", "os => os.map(o => o.value)")
+    assert cameras == offered["cameras"] and places == offered["places"]
+    assert types == ["", *offered["types"]] and {"jpeg", "png"} <= set(types)
+    assert page.locator("#type option").first.inner_text() == "any"
+    for control in ("#from", "#to", "#camera", "#place", "#type", "#sort"):
+        expect(page.locator(control)).to_be_visible()
+    expect(page.locator("#camera")).to_have_attribute("list", "cameras")
+    assert "including" in page.locator("label:has(#to)").get_attribute("title")
+    assert page.eval_on_selector_all("#sort option", "os => os.map(o => o.value)") == [
+        "relevance", "-date", "date"]
+    expect(page.locator("#clear-filters")).to_be_hidden()  # nothing to clear yet
+
+
+def test_camera_and_place_are_hidden_without_such_photos(page, server_url) -> None:
+    expect = playwright_api.expect
+    page.route("**/api/filters", lambda route: route.fulfill(json={
+        "cameras": [], "places": [], "types": ["png"], "taken": None, "with_gps": 0}))
+    page.reload()
+    expect(page.locator("#type option")).to_have_count(2)  # "any" and PNG: the answer was read
+    expect(page.locator("#camera")).to_be_hidden()
+    expect(page.locator("#place")).to_be_hidden()
+    expect(page.locator("#from")).to_be_visible()
+    expect(page.locator("#sort")).to_be_visible()
+
+
+def test_a_camera_filter_with_a_text_query(page, server_url) -> None:
+    expect = playwright_api.expect
+    wanted = _api_search(page, server_url, {"text": "a red circle", "camera": "canon", "top": 24})
+    assert 2 <= len(wanted) < 24  # the filter takes some and leaves some
+    page.fill("#q", "a red circle")
+    page.fill("#camera", "canon")
+    page.keyboard.press("Enter")
+    expect(_hits(page)).to_have_count(len(wanted))
+    expect(page.locator("#status")).to_contain_text("canon")
+    cameras = page.locator("#results .hit .camera").all_inner_texts()
+    assert len(cameras) == len(wanted) and all("canon" in c.lower() for c in cameras), cameras
+    names = page.locator("#results .hit .name").all_inner_texts()
+    assert names == [Path(h["path"]).name for h in wanted]
+    scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True) and len(scores) == len(wanted)
+
+    page.click("#clear-filters")  # the same query again, unfiltered
+    expect(_hits(page)).to_have_count(24)
+    expect(page.locator("#camera")).to_have_value("")
+    expect(page.locator("#clear-filters")).to_be_hidden()
+
+
+def test_browse_photos_of_a_place_newest_first(page, server_url) -> None:
+    expect = playwright_api.expect
+    wanted = _api_search(page, server_url, {"place": "Reykjavik", "top": 24})
+    assert len(wanted) == 5 and all(h["score"] is None for h in wanted)
+    page.fill("#place", "Reykjavik")  # no accent, no Enter: typing is enough
+    expect(_hits(page)).to_have_count(5)
+    status = page.locator("#status")
+    expect(status).to_contain_text("5 photos taken in Reykjavik")
+    expect(status).to_contain_text("newest first")
+    assert set(page.locator("#results .hit .place").all_inner_texts()) == {"Reykjavík"}
+    dates = _shown_dates(page)
+    assert len(dates) == 5 and dates == sorted(dates, reverse=True), dates
+    assert dates == [f"{h['meta']['taken_at'][:10]} {h['meta']['taken_at'][11:16]}"
+                     for h in wanted]
+    text = page.locator("#results").inner_text()
+    assert "null" not in text and "NaN" not in text and "undefined" not in text
+    expect(page.locator("#results .score")).to_have_count(0)  # listed, not scored
+    if SCREENSHOTS:
+        page.screenshot(path=str(SCREENSHOTS / "browse.png"))
+
+    page.click("#clear-filters")  # no query and no filter: back to the empty page
+    expect(_hits(page)).to_have_count(0)
+    expect(status).to_contain_text("Type a query")
+    expect(page.locator("#place")).to_have_value("")
+
+
+def test_sort_oldest_first_reruns_a_text_query(page) -> None:
+    expect = playwright_api.expect
+    page.fill("#q", "a red circle")
+    page.keyboard.press("Enter")
+    expect(_hits(page)).to_have_count(24)
+    by_relevance = _shown_dates(page)
+    assert by_relevance != sorted(by_relevance)  # so the sort below is what orders them
+    page.select_option("#sort", "date")  # changing the sort re-runs the search by itself
+    expect(page.locator("#status")).to_contain_text("oldest first")
+    expect(_hits(page)).to_have_count(24)
+    dates = _shown_dates(page)
+    assert len(dates) == 24 and dates == sorted(dates), dates
+    assert sorted(dates) == sorted(by_relevance)  # the same hits, in date order
+    page.select_option("#sort", "-date")
+    expect(page.locator("#status")).to_contain_text("newest first")
+    page.wait_for_function("""() => {
+        const t = [...document.querySelectorAll('#results time.taken')].map(e => e.dateTime);
+        return t.length === 24 && t[0] > t[23]; }""")
+    newest = _shown_dates(page)
+    assert newest == sorted(dates, reverse=True)
+
+
+def test_the_date_range_includes_its_last_day(page, server_url) -> None:
+    expect = playwright_api.expect
+    # "to" 2021-12-06 is sent as before=2021-12-07: the photo of 2021-12-06 16:29 is in
+    wanted = _api_search(page, server_url, {"after": "2021-01-01", "before": "2021-12-07",
+                                            "top": 24})
+    assert len(wanted) == 4 and wanted[0]["meta"]["taken_at"].startswith("2021-12-06")
+    page.fill("#from", "2021-01-01")
+    page.fill("#to", "2021-12-06")
+    expect(_hits(page)).to_have_count(4)
+    expect(page.locator("#status")).to_contain_text("from 2021-01-01 to 2021-12-06")
+    dates = _shown_dates(page)
+    assert all("2021-01-01" <= d[:10] <= "2021-12-06" for d in dates), dates
+    assert dates[0].startswith("2021-12-06")  # the last day itself, inclusive
+
+    text_wanted = _api_search(page, server_url, {"text": "a ring", "after": "2021-01-01",
+                                                 "before": "2021-12-07", "top": 24})
+    page.fill("#q", "a ring")  # the range holds for a text query too
+    page.keyboard.press("Enter")
+    expect(page.locator("#results .score")).to_have_count(len(text_wanted))
+    dates = _shown_dates(page)
+    assert len(dates) == len(text_wanted) and all("2021-01-01" <= d[:10] <= "2021-12-06"
+                                                  for d in dates), dates
+
+    page.fill("#from", "2022-01-01")  # after "to": said so, nothing asked of the server
+    expect(page.locator("#status.error")).to_contain_text("date range is empty")
+
+
+def test_filters_hold_for_image_and_caption_queries(page, server_url) -> None:
+    expect = playwright_api.expect
+    page.select_option("#type", "jpeg")
+    page.fill("#place", "Paris")
+    expect(_hits(page)).to_have_count(3)  # browsing meanwhile: the three Paris photos
+    scene = sorted(server_url[1].glob("*.png"))[0]
+    page.set_input_files("#file", str(scene))
+    expect(page.locator("#chosen-name")).to_have_text(scene.name)
+    expect(page.locator("#results .score")).to_have_count(3)  # an image query, filtered
+    assert set(page.locator("#results .hit .place").all_inner_texts()) == {"Paris"}
+    page.locator("#results button.similar").first.click()  # "similar": filtered as well
+    expect(page.locator("#chosen-name")).not_to_have_text(scene.name)
+    expect(page.locator("#results .score")).to_have_count(3)
+    assert set(page.locator("#results .hit .place").all_inner_texts()) == {"Paris"}
+
+    page.click("#clear-image")
+    page.fill("#place", "")
+    page.fill("#q", "a red circle")
+    page.fill("#camera", "canon")
+    page.click("label[for=target-captions]")
+    wanted = _api_search(page, server_url, {"text": "a red circle", "camera": "canon",
+                                            "type": "jpeg", "target": "captions", "top": 24})
+    expect(page.locator("#results article.hit.caption")).to_have_count(len(wanted))
+    cameras = page.locator("#results .hit.caption .camera").all_inner_texts()
+    assert len(cameras) == len(wanted) and all("Canon" in c for c in cameras)
+    expect(page.locator("#status")).to_contain_text("captions of photos shot with “canon”")
+
+
+def test_dates_cameras_and_places_under_the_thumbnails(page, server_url) -> None:
+    expect = playwright_api.expect
+    page.fill("#q", "a red circle")
+    page.keyboard.press("Enter")
+    expect(_hits(page)).to_have_count(24)
+    taken = page.locator("#results .hit.image time.taken")
+    expect(taken).to_have_count(24)  # every photo has a date: EXIF, or else its file time
+    for i in range(24):
+        expect(taken.nth(i)).to_be_visible()
+    card = page.locator("#results article.hit.image", has=page.locator(
+        ".name", has_text="scene_00022.jpg"))
+    expect(card.locator("time.taken")).to_have_text("2019-03-02 07:52")
+    expect(card.locator(".camera")).to_have_text("Canon EOS R5")
+    expect(card.locator(".place")).to_have_text("Reykjavík")
+    expect(card.locator(".place")).to_have_attribute("title", "Reykjavík, Capital Region, Iceland")
+    png = page.locator("#results article.hit.image", has=page.locator(
+        ".name", has_text="scene_00002.png"))
+    expect(png.locator("time.taken")).to_have_text(re.compile(r"^~\d{4}-\d\d-\d\d \d\d:\d\d$"))
+    expect(png.locator("time.taken")).to_have_attribute("title", re.compile("file time, no camera"))
+    expect(png.locator(".camera")).to_have_count(0)
+    box = card.locator("time.taken").bounding_box()
+    thumb = card.locator("img.thumb").bounding_box()
+    assert box["y"] >= thumb["y"] + thumb["height"] - 1  # under the thumbnail, inside the card
+    if SCREENSHOTS:
+        page.screenshot(path=str(SCREENSHOTS / "dates.png"))
+
+
+def test_filter_errors_are_shown_on_the_page(page) -> None:
+    expect = playwright_api.expect
+    page.fill("#q", "a ring")
+    page.fill("#camera", "x" * 2500)  # over the server's limit: its 422 names the field
+    page.keyboard.press("Enter")
+    expect(page.locator("#status.error")).to_contain_text("camera")
+    expect(_hits(page)).to_have_count(0)
+    page.fill("#camera", "Nikon")
+    page.keyboard.press("Enter")
+    expect(page.locator("#results article.hit").first).to_be_visible()
     expect(page.locator("#status")).not_to_have_class("error")
