@@ -734,6 +734,68 @@ def _command_line() -> str:
     return f"{shlex.quote(sys.executable)} -m cli"
 
 
+def _batch_line(batch) -> str:
+    r = batch.report
+    parts = [f"{n} {name}" for n, name in ((r.new, "new"), (r.changed, "changed"),
+                                            (r.moved, "moved"), (r.removed, "removed"),
+                                            (r.failed, "failed")) if n]
+    what = ", ".join(parts) or "nothing changed"
+    waiting = f" ({batch.waiting} still being written)" if batch.waiting else ""
+    head = "caught up" if batch.startup else "indexed"
+    return f"{head}: {what} in {r.total_seconds:.1f}s{waiting}"
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "-m", metavar="SPEC", envvar="CLIPDEX_MODEL",
+              help="The model for a new library (an existing one keeps its own).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip matching files/folders.")
+@click.option("--hidden", "include_hidden", is_flag=True, help="Also index hidden files.")
+@click.option("--poll", is_flag=True,
+              help="List the folders every 0.5 s instead of waiting for events (network "
+                   "mounts and others that send none).")
+@json_option
+@click.pass_context
+def watch(ctx: click.Context, paths: tuple[Path, ...], model: str | None,
+          exclude: tuple[str, ...], include_hidden: bool, poll: bool, as_json: bool) -> None:
+    """Index PATHS, then keep indexing what changes under them until Ctrl-C.
+
+    \b
+    New, changed, moved and deleted photos go through the same steps as `clipdex index`; a
+    burst of changes is indexed in a few batches, and a file still being written waits until
+    its size and mtime hold still. Start-up catches up with what changed while nothing
+    watched. Each batch is reported on stderr (--json: one JSON object per line on stdout).
+    Caption files are not watched: add them with `clipdex captions add`.
+    """
+    from index.watch import check_folders
+    from index.watch import watch as run_watch
+
+    check_folders(paths)
+    library = _library(ctx)
+
+    def on_batch(batch) -> None:
+        if as_json:
+            click.echo(json.dumps({"startup": batch.startup, "paths": len(batch.paths),
+                                   "waiting": batch.waiting, **batch.report.as_dict()}))
+            sys.stdout.flush()
+        else:
+            click.echo(_batch_line(batch), err=True)
+            for path, reason in batch.report.failures[:20]:
+                click.echo(f"  failed: {shown(path)}: {reason}", err=True)
+
+    if not as_json:
+        click.echo(f"watching {', '.join(shown(str(p)) for p in paths)} (Ctrl-C stops)",
+                   err=True)
+    try:
+        run_watch(library, paths, model=model, poll=poll, on_batch=on_batch,
+                  exclude=exclude, include_hidden=include_hidden)
+    except KeyboardInterrupt:
+        click.echo("\nstopped: every batch indexed so far is saved", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    finally:
+        library.close()
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback exposes the library).")
@@ -745,9 +807,16 @@ def _command_line() -> str:
                    "--host), e.g. the machine's name on the LAN; repeatable.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
               default="auto", help="Query encoder precision.")
+@click.option("--watch", "watch_paths", multiple=True, type=click.Path(path_type=Path),
+              metavar="PATH",
+              help="Also index PATH now and whatever changes under it while serving "
+                   "(as `clipdex watch`); repeatable.")
+@click.option("--model", "-m", metavar="SPEC", envvar="CLIPDEX_MODEL",
+              help="With --watch: the model for a new library.")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, cors_origins: tuple[str, ...],
-          allowed_hosts: tuple[str, ...], precision: str) -> None:
+          allowed_hosts: tuple[str, ...], precision: str, watch_paths: tuple[Path, ...],
+          model: str | None) -> None:
     """Serve the web page, the JSON API (/docs) and clip-retrieval's API over HTTP.
 
     Keeps answering while `clipdex index` adds to the library, and sees what it added.
@@ -764,8 +833,43 @@ def serve(ctx: click.Context, host: str, port: int, cors_origins: tuple[str, ...
     from retrieval.server import serve as run_server
 
     obj = ctx.find_root().obj
-    run_server(home=obj["home"], db=obj["db"], host=host, port=port, precision=precision,
-               cors_origins=cors_origins, allowed_hosts=allowed_hosts, echo=click.echo)
+    watcher = _start_watcher(ctx, watch_paths, model) if watch_paths else None
+    try:
+        run_server(home=obj["home"], db=obj["db"], host=host, port=port, precision=precision,
+                   cors_origins=cors_origins, allowed_hosts=allowed_hosts, echo=click.echo)
+    finally:
+        if watcher is not None:
+            watcher.set()
+
+
+def _start_watcher(ctx: click.Context, paths: tuple[Path, ...], model: str | None):
+    """Catch up now (so the server opens a library that exists), then watch in a thread
+    with a library of its own; returns the event that stops it."""
+    import threading
+
+    from index.watch import check_folders
+    from index.watch import watch as run_watch
+
+    folders = check_folders(paths)
+    library = _library(ctx)
+    report = library.index(folders, model=model)
+    click.echo(f"watch: {report.new} new, {report.removed} removed, {report.unchanged} "
+               f"unchanged in {report.total_seconds:.1f}s; watching {', '.join(folders)}",
+               err=True)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            run_watch(library, folders, model=model, stop=stop, startup=False,
+                      on_batch=lambda batch: click.echo(f"watch: {_batch_line(batch)}",
+                                                        err=True))
+        except Exception as exc:  # the server goes on; the watcher says why it stopped
+            click.echo(f"watch: stopped: {type(exc).__name__}: {exc}", err=True)
+        finally:
+            library.close()
+
+    threading.Thread(target=run, name="clipdex-watch", daemon=True).start()
+    return stop
 
 
 def _server_install_line() -> str:
