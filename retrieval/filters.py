@@ -191,6 +191,9 @@ class MetaFrame:
         self.places, self.place_codes = _codes(places)
         self.has_meta = bool(np.isfinite(self.taken).any() or len(self.cameras)
                              or len(self.formats))
+        # rows by latitude (NaN last): a --near band is two binary searches, not a scan
+        self._by_lat = np.argsort(self.lat, kind="stable")
+        self._lats = self.lat[self._by_lat]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -228,7 +231,9 @@ class MetaFrame:
         bounding box lets a row through."""
         out = np.zeros(len(self.ids), bool)
         dlat = math.degrees(km / EARTH_KM)
-        rows = np.flatnonzero(keep & (np.abs(self.lat - lat) <= dlat))  # NaN falls out here
+        band = self._by_lat[np.searchsorted(self._lats, lat - dlat, side="left"):
+                            np.searchsorted(self._lats, lat + dlat, side="right")]
+        rows = np.sort(band[keep[band]])
         cos = math.cos(math.radians(lat))
         if len(rows) and cos > 1e-6 and abs(lat) + dlat < 90:
             dlon = math.degrees(km / (EARTH_KM * cos))

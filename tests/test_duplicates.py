@@ -119,3 +119,21 @@ def test_cli_bad_arguments_exit_2(library, args: list[str]) -> None:
 def test_no_library_is_a_clear_error(tmp_path: Path) -> None:
     result = run(tmp_path / "none", "duplicates")
     assert result.exit_code == 1 and "no library" in result.output
+
+
+def test_http_duplicates(library) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from retrieval.server import create_app
+
+    searcher, photos, made = library
+    client = TestClient(create_app(searcher), base_url="http://127.0.0.1")
+    answer = client.get("/api/duplicates")
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    assert data["threshold"] == 0.96
+    assert {g["best"]["path"] for g in data["groups"]} >= {str(photos / n) for n in made}
+    assert client.get("/api/duplicates", params={"threshold": 0}).status_code == 422
+    missing = client.get("/api/duplicates", params={"under": "/nonexistent/x"})
+    assert missing.status_code == 400 and "no such folder" in missing.json()["error"]

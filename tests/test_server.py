@@ -845,7 +845,7 @@ OPERATIONS = [("GET", "/api/search"), ("POST", "/api/search"), ("POST", "/api/se
               ("POST", "/api/caption"), ("POST", "/api/caption/upload"),
               ("GET", "/api/images/{image_id}"), ("GET", "/api/images/{image_id}/thumbnail"),
               ("GET", "/api/examples"), ("GET", "/api/filters"), ("GET", "/api/stats"),
-              ("GET", "/api/health"),
+              ("GET", "/api/health"), ("GET", "/api/duplicates"),
               ("POST", "/knn-service"),
               ("GET", "/indices-list"), ("POST", "/metadata")]
 

@@ -157,6 +157,14 @@ def image_thumbnail(image_id: ImageId, service: ServiceDep,
     return Response(data, media_type="image/jpeg", headers=IMAGE_HEADERS)
 
 
+@api.get("/duplicates", summary="Groups of near-duplicate images (as `clipdex duplicates "
+                                 "--json`), best copy first; nothing is deleted")
+def duplicates(service: ServiceDep,
+               threshold: Annotated[float, Query(gt=0.0, le=1.0)] = 0.96,
+               under: str | None = None) -> dict[str, Any]:
+    return service.duplicates(threshold=threshold, under=under)
+
+
 @api.get("/stats", summary="Library statistics (as `clipdex stats --json`)")
 def stats(service: ServiceDep) -> dict[str, Any]:
     return service.stats()

@@ -248,6 +248,16 @@ class Service:
     def stats(self) -> dict:
         return self.searcher.library.stats()
 
+    def duplicates(self, *, threshold: float, under: str | None = None) -> dict:
+        """Near-duplicate groups (retrieval.duplicates), with each copy's thumbnail URL."""
+        from ..duplicates import find_duplicates
+
+        if under is not None and len(under) > MAX_TEXT:
+            raise TooLarge(f"under is at most {MAX_TEXT} characters")
+        with self.lock:  # the range search uses the in-memory index
+            groups = find_duplicates(self.searcher, threshold=threshold, under=under)
+        return {"threshold": threshold, "groups": [g.as_dict() for g in groups]}
+
     def filters(self) -> dict:
         """What the web page's filter bar offers: the library's cameras, places (cities and
         countries), formats and date range, most common first."""
