@@ -109,28 +109,38 @@ def watch(library, paths: Iterable[str | os.PathLike], *, model: str | None = No
     suffixes = supported_suffixes()
 
     def wanted(change, path: str) -> bool:
-        return _is_photo(path, suffixes) or change == watchfiles.Change.deleted or \
-            os.path.isdir(path)
+        # a folder counts when it appears (moved in whole) or goes; its "modified" events,
+        # which each file added to it brings, would rescan all of it for nothing
+        return _is_photo(path, suffixes) or change == watchfiles.Change.deleted or (
+            change == watchfiles.Change.added and os.path.isdir(path))
 
     waiting: dict[str, tuple[int, int] | None] = {}
+    deferred: set[str] = set()  # vanished paths held one round: a move's other half may follow
     events = watchfiles.watch(*folders, watch_filter=wanted, debounce=DEBOUNCE_MS,
                               step=STEP_MS, stop_event=stop, force_polling=poll or None,
                               poll_delay_ms=POLL_MS, yield_on_timeout=True,
-                              rust_timeout=int(STABLE_S * 4000), raise_interrupt=False)
+                              rust_timeout=int(STABLE_S * 4000), raise_interrupt=True)
     for changes in events:
         for _, path in changes:
             waiting[path] = _signature(path)
-        if not waiting:
+        if not waiting and not deferred:
             continue
         time.sleep(STABLE_S)
-        ready, still = [], {}
+        ready, gone, still = [], [], {}
         for path, before in waiting.items():
             now = _signature(path)
-            if now is not None and now != before:  # still being written
+            if now is None:
+                gone.append(path)
+            elif now != before:  # still being written
                 still[path] = now
             else:
                 ready.append(path)
         waiting = still
+        if gone and not ready and not deferred:
+            deferred = set(gone)  # only deletions: wait a round for a move's other half
+            continue
+        ready += gone + sorted(deferred)
+        deferred = set()
         roots = _roots_for(ready, folders)
         if not roots:
             continue
