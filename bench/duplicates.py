@@ -106,9 +106,9 @@ def quality(scenes: int, seed: int) -> dict:
 
 def timing(n: int, seed: int, dim: int = 512) -> dict:
     import faiss
+    from query import Mixture
 
     from index.vectors import VectorIndex, index_type_for
-    from query import Mixture
     from retrieval.duplicates import DUPLICATE_COSINE, duplicate_pairs, group_pairs
 
     faiss.omp_set_num_threads(2)
