@@ -28,7 +28,7 @@ from index.synthetic.scenes import write_scenes
 from index.watch import watch
 
 REPO = Path(__file__).resolve().parents[1]
-DEADLINE_S = 90.0
+DEADLINE_S = 240.0  # generous: the first batch loads the model, on a busy machine too
 
 pytestmark = pytest.mark.usefixtures("one_model_load")
 
