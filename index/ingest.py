@@ -390,6 +390,8 @@ def _backfill_meta(store: Store, plan: _Plan, meta: _MetaCounts, *, workers: int
     """Give the indexed images found this run that have no (current) metadata row theirs:
     read from each file's header, nothing decoded or embedded (a library indexed before photo
     metadata existed gains it this way on its next run)."""
+    if store.meta_complete(META_VERSION):  # two counts, not a join over every image
+        return
     found = {f.path for f in plan.found}
     todo = [(i, path, mtime) for i, path, mtime in store.images_needing_meta(META_VERSION)
             if path in found]
@@ -417,10 +419,8 @@ def _file_meta_or_none(item: tuple[str, int]) -> PhotoMeta | None:
     path, mtime_ns = item
     try:
         return read_file_meta(path, mtime_ns)
-    except OSError:
-        return None  # gone or unreadable since the scan: the next run tries again
-    except Exception:  # a Pillow bug on a strange header must not stop the run
-        return None
+    except Exception:  # gone or unreadable since the scan, or a Pillow bug on a strange
+        return None  # header: it must not stop the run, and the next run tries again
 
 
 def _embed_planned(store: Store, embedder: Embedder, plan: _Plan, counts: dict,

@@ -283,8 +283,6 @@ class Library:
         vocabulary = read_labels(labels) if labels is not None else builtin_vocabulary(self.model)
         ids = self.store.ids("image")
         self._write_tags(vocabulary, ids, replace_all=True, progress=progress)
-        with self.store.session() as s, s.begin():
-            self.store.set_meta(s, "tags.vocabulary", vocabulary.to_json())
         return {"images": len(ids), "labels": vocabulary.size, "source": vocabulary.source,
                 "tags": self.store.tag_summary()}
 
@@ -310,8 +308,9 @@ class Library:
         labels = label_vectors(self.query_embedder(), vocabulary)
         ids = [int(i) for i in ids]
         with self.store.session() as s, s.begin():  # all or nothing: a kill keeps the old tags
-            if replace_all:
+            if replace_all:  # the vocabulary and its tags commit together
                 self.store.replace_tags(s, [], image_ids=None)
+                self.store.set_meta(s, "tags.vocabulary", vocabulary.to_json())
             for start in range(0, len(ids), chunk):
                 part = ids[start:start + chunk]
                 stored = self.store.vectors_for("image", part)

@@ -452,6 +452,17 @@ class Store:
         self.bump_generation(session, "meta")
         return len(rows)
 
+    def meta_complete(self, version: int) -> bool:
+        """Whether every image has a metadata row of at least `version` (the usual case, so
+        `index` and each watch batch skip looking for ones that do not)."""
+        if not self.has_meta_table:
+            return True
+        with self.session() as s:
+            current = s.scalar(select(func.count()).select_from(ImageMetaRow)
+                               .where(ImageMetaRow.version >= version)) or 0
+            images = s.scalar(select(func.count()).select_from(ImageRow)) or 0
+        return current >= images
+
     def images_needing_meta(self, version: int) -> list[tuple[int, str, int]]:
         """(id, path, mtime_ns) of images with no metadata row, or one older than `version`."""
         if not self.has_meta_table:

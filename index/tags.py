@@ -15,7 +15,6 @@ Label files are text: one label per line, `# comments` and blank lines ignored, 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +160,3 @@ def tag_vectors(image_vectors: np.ndarray, vocabulary: Vocabulary,
                 out[row].append(Tag(group, names[col], float(probs[row, col])))
     return out
 
-
-def tags_out(tags: Sequence[Tag]) -> list[dict]:
-    return [{"group": t.group, "label": t.label, "score": round(t.score, 4)} for t in tags]
