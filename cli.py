@@ -754,7 +754,8 @@ def _batch_line(batch) -> str:
 @click.option("--poll", is_flag=True,
               help="List the folders every 0.5 s instead of waiting for events (network "
                    "mounts and others that send none).")
-@json_option
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per batch, a line each (the start-up one first).")
 @click.pass_context
 def watch(ctx: click.Context, paths: tuple[Path, ...], model: str | None,
           exclude: tuple[str, ...], include_hidden: bool, poll: bool, as_json: bool) -> None:
