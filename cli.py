@@ -844,8 +844,11 @@ def serve(ctx: click.Context, host: str, port: int, cors_origins: tuple[str, ...
 
 
 def _start_watcher(ctx: click.Context, paths: tuple[Path, ...], model: str | None):
-    """Catch up now (so the server opens a library that exists), then watch in a thread
-    with a library of its own; returns the event that stops it."""
+    """Watch in a thread with a library of its own, and wait for its start-up catch-up (so
+    the server opens a library that exists); returns the event that stops it.
+
+    The catch-up runs in the watcher, after its watch has begun: a photo that lands while
+    the server starts is not missed."""
     import threading
 
     from index.watch import check_folders
@@ -853,23 +856,40 @@ def _start_watcher(ctx: click.Context, paths: tuple[Path, ...], model: str | Non
 
     folders = check_folders(paths)
     library = _library(ctx)
-    report = library.index(folders, model=model)
-    click.echo(f"watch: {report.new} new, {report.removed} removed, {report.unchanged} "
-               f"unchanged in {report.total_seconds:.1f}s; watching {', '.join(folders)}",
-               err=True)
-    stop = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def on_batch(batch) -> None:
+        if batch.startup:
+            report = batch.report
+            click.echo(f"watch: {report.new} new, {report.removed} removed, "
+                       f"{report.unchanged} unchanged in {report.total_seconds:.1f}s; "
+                       f"watching {', '.join(folders)}", err=True)
+            ready.set()
+        else:
+            click.echo(f"watch: {_batch_line(batch)}", err=True)
 
     def run() -> None:
         try:
-            run_watch(library, folders, model=model, stop=stop, startup=False,
-                      on_batch=lambda batch: click.echo(f"watch: {_batch_line(batch)}",
-                                                        err=True))
-        except Exception as exc:  # the server goes on; the watcher says why it stopped
-            click.echo(f"watch: stopped: {type(exc).__name__}: {exc}", err=True)
+            run_watch(library, folders, model=model, stop=stop, on_batch=on_batch)
+        except Exception as exc:
+            if not ready.is_set():  # the start-up failed: the command reports it
+                failure.append(exc)
+            else:  # the server goes on; the watcher says why it stopped
+                click.echo(f"watch: stopped: {type(exc).__name__}: {exc}", err=True)
         finally:
             library.close()
+            ready.set()
 
-    threading.Thread(target=run, name="clipdex-watch", daemon=True).start()
+    thread = threading.Thread(target=run, name="clipdex-watch", daemon=True)
+    thread.start()
+    try:
+        ready.wait()
+    except BaseException:  # Ctrl-C during the catch-up
+        stop.set()
+        raise
+    if failure:
+        raise failure[0]
     return stop
 
 

@@ -10,12 +10,14 @@ waits for the next batch). A deleted path is indexed through its nearest existin
 the row goes; a move is a deletion and an addition in one batch, so the vector is kept.
 
 Start-up is one full `index` of the watched folders (changes made while nothing watched are
-picked up); a kill at any point leaves what `index` leaves: every batch committed so far, and
-the next `watch` or `index` completes the rest.
+picked up), run once the watch has begun, so nothing that lands meanwhile is missed. A kill
+at any point leaves what `index` leaves: every batch committed so far, and the next `watch`
+or `index` completes the rest.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -102,10 +104,6 @@ def watch(library, paths: Iterable[str | os.PathLike], *, model: str | None = No
 
     folders = check_folders(paths)
     stop = stop or threading.Event()
-    if startup:
-        report = library.index(folders, model=model, **index_options)
-        if on_batch:
-            on_batch(WatchBatch(tuple(folders), report, 0, startup=True))
     suffixes = supported_suffixes()
 
     def wanted(change, path: str) -> bool:
@@ -120,7 +118,19 @@ def watch(library, paths: Iterable[str | os.PathLike], *, model: str | None = No
                               step=STEP_MS, stop_event=stop, force_polling=poll or None,
                               poll_delay_ms=POLL_MS, yield_on_timeout=True,
                               rust_timeout=int(STABLE_S * 4000), raise_interrupt=True)
-    for changes in events:
+    # The watch starts with the generator's first step (it returns once rust_timeout passes
+    # quietly, or with the first changes). Only then the start-up scan: a photo that lands
+    # during the scan, or just after it, is buffered by the watcher for the first batch
+    # rather than missed until the next start (inotify reports nothing from before it began).
+    try:
+        first = next(events)
+    except StopIteration:  # stopped before it began
+        return
+    if startup:
+        report = library.index(folders, model=model, **index_options)
+        if on_batch:
+            on_batch(WatchBatch(tuple(folders), report, 0, startup=True))
+    for changes in itertools.chain([first], events):
         for _, path in changes:
             waiting[path] = _signature(path)
         if not waiting and not deferred:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -161,6 +162,84 @@ def test_a_file_being_written_waits_until_it_holds_still(tmp_path: Path,
             assert library.failures() == []  # never indexed half-written
     finally:
         watcher.close()
+
+
+def test_a_photo_landing_just_after_the_startup_scan_is_not_missed(tmp_path: Path,
+                                                                    scenes: Path) -> None:
+    # inotify reports nothing from before a watch began: the watch must begin before the
+    # start-up scan, or a photo landing between the two waits for the next start
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(scenes / "scene_00000.jpg", photos)
+    library = Library.open(tmp_path / "home")
+    real_index, calls = library.index, []
+
+    def index_then_a_photo_lands(*args, **kwargs):
+        report = real_index(*args, **kwargs)
+        if not calls:  # the start-up scan is done: a photo lands before any batch
+            shutil.copy(scenes / "scene_00001.jpg", photos / "late.jpg")
+        calls.append(args)
+        return report
+
+    library.index = index_then_a_photo_lands
+    batches, stop, errors = [], threading.Event(), []
+
+    def run() -> None:
+        try:
+            watch(library, [photos], model=TEST_MODEL, on_batch=batches.append, stop=stop)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: "late.jpg" in names_in(tmp_path / "home") or errors,
+                 lambda: f"the late photo: {[b.paths for b in batches]}")
+        assert not errors, errors
+        assert batches[0].startup and batches[0].report.new == 1
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        library.close()
+
+
+def test_serve_watch_indexes_a_new_photo_and_answers_for_it(tmp_path: Path,
+                                                            scenes: Path) -> None:
+    import httpx
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(scenes / "scene_00000.jpg", photos)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CLIPDEX_HOME", "CLIPDEX_DB", "CLIPDEX_MODEL")}
+    env.update(HF_HUB_OFFLINE="1", **SUBPROCESS_ENV)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--quiet", "--home", str(tmp_path / "home"), "serve",
+         "--port", str(port), "--watch", str(photos), "--model", TEST_MODEL],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/api/search?sort=-date&top=100"
+
+    def listed() -> set[str] | None:
+        if server.poll() is not None:
+            raise AssertionError(server.stderr.read())
+        try:
+            response = httpx.get(url, timeout=10)
+        except httpx.TransportError:
+            return None
+        assert response.status_code == 200, response.text
+        return {Path(h["path"]).name for h in response.json()["hits"]}
+
+    try:
+        assert wait_for(listed, "the server") == {"scene_00000.jpg"}
+        shutil.copy(scenes / "scene_00001.jpg", photos / "new.jpg")
+        wait_for(lambda: "new.jpg" in (listed() or ()), "the new photo in a search")
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=60)
+    assert "watch: 1 new" in err, err  # the catch-up line
 
 
 def test_watch_needs_existing_folders(tmp_path: Path) -> None:
