@@ -96,7 +96,7 @@ class VectorIndex:
     # --- opening ----------------------------------------------------------------------------
     @classmethod
     def open(cls, store: Store, kind: str, dim: int, directory: Path, *,
-             save: bool = False, mmap: bool = False,
+             save: bool = False, mmap: bool = False, hold: bool = False,
              progress: Progress | None = None) -> "VectorIndex":
         """Load the newest saved index for `kind` and catch it up with the store.
 
@@ -106,6 +106,7 @@ class VectorIndex:
         rather than 2 GB of heap, but each IVF query is slower (1M×128, nprobe 34: 3.8-4.9 ms
         mapped vs 0.6-0.7 ms loaded; 0.73 s to load). The one-shot CLI maps; the server and the
         Python API load. A mapped index is copied into memory only if it must be caught up.
+        With `hold` nothing is written at all: the caller keeps the index and saves it later.
         """
         faiss = _faiss()
         path, generation = cls.newest_file(directory, kind)
@@ -120,7 +121,9 @@ class VectorIndex:
         else:
             vi = cls.empty(kind, dim, directory, index_type_for(store.count(kind), dim))
         changed = vi.catch_up(store, progress=progress)
-        if save and (changed or path is None):
+        if hold:
+            pass
+        elif save and (changed or path is None):
             vi.save()
         elif changed and vi.generation > generation:
             vi.save_quietly()  # e.g. after an interrupted `captions add`: catch up once only

@@ -34,6 +34,9 @@ STABLE_S = 0.25  # a file's size and mtime must hold this long before it is inde
 STEP_MS = 50  # watchfiles closes a batch after this much quiet...
 DEBOUNCE_MS = 1000  # ...or once it has grown for this long
 POLL_MS = 500  # polling mode: how often every folder is listed
+# Batches keep the vector index in memory (Library.index(save_index=False)); it is written
+# when a quiet second follows a batch, when a stream of batches has run this long, and on exit.
+SAVE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,6 @@ def watch(library, paths: Iterable[str | os.PathLike], *, model: str | None = No
         return _is_photo(path, suffixes) or change == watchfiles.Change.deleted or (
             change == watchfiles.Change.added and os.path.isdir(path))
 
-    waiting: dict[str, tuple[int, int] | None] = {}
-    deferred: set[str] = set()  # vanished paths held one round: a move's other half may follow
     events = watchfiles.watch(*folders, watch_filter=wanted, debounce=DEBOUNCE_MS,
                               step=STEP_MS, stop_event=stop, force_polling=poll or None,
                               poll_delay_ms=POLL_MS, yield_on_timeout=True,
@@ -130,10 +131,25 @@ def watch(library, paths: Iterable[str | os.PathLike], *, model: str | None = No
         report = library.index(folders, model=model, **index_options)
         if on_batch:
             on_batch(WatchBatch(tuple(folders), report, 0, startup=True))
-    for changes in itertools.chain([first], events):
+    try:
+        _follow(library, folders, itertools.chain([first], events), model=model,
+                on_batch=on_batch, stop=stop, **index_options)
+    finally:
+        library.save_indexes()  # what the batches held in memory (a kill -9 loses nothing:
+        #                         the store holds every vector and the next open catches up)
+
+
+def _follow(library, folders: list[str], events, *, model, on_batch, stop,
+            **index_options) -> None:
+    waiting: dict[str, tuple[int, int] | None] = {}
+    deferred: set[str] = set()  # vanished paths held one round: a move's other half may follow
+    last_save = time.monotonic()
+    for changes in events:
         for _, path in changes:
             waiting[path] = _signature(path)
         if not waiting and not deferred:
+            if library.save_indexes():  # a quiet round: write what the batches held
+                last_save = time.monotonic()
             continue
         time.sleep(STABLE_S)
         ready, gone, still = [], [], {}
@@ -154,7 +170,10 @@ def watch(library, paths: Iterable[str | os.PathLike], *, model: str | None = No
         roots = _roots_for(ready, folders)
         if not roots:
             continue
-        report = library.index(roots, model=model, **index_options)
+        report = library.index(roots, model=model, save_index=False, **index_options)
+        if time.monotonic() - last_save > SAVE_EVERY_S:
+            library.save_indexes()
+            last_save = time.monotonic()
         if on_batch:
             on_batch(WatchBatch(tuple(sorted(ready)), report, len(waiting)))
         if stop.is_set():

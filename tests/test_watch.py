@@ -297,3 +297,55 @@ def _ids(vi) -> list[int]:
     from index.vectors import _index_ids
 
     return _index_ids(vi.index).tolist()
+
+
+def test_batches_hold_the_index_in_memory_until_saved(tmp_path: Path, scenes: Path) -> None:
+    # watch batches call index(save_index=False): the file is not rewritten per batch, a
+    # reader still finds every photo (it catches the file up from the store), and
+    # save_indexes writes the held index once
+    from index.vectors import VectorIndex
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(scenes / "scene_00000.jpg", photos)
+    home = tmp_path / "home"
+    with Library.open(home) as library:
+        library.index([photos], model=TEST_MODEL)
+        directory = library.settings.index_dir
+        saved = VectorIndex.newest_file(directory, "image")[1]
+        assert saved == library.store.generation("image") and library.unsaved_indexes() == []
+        for name in ("scene_00001.jpg", "scene_00003.jpg"):
+            shutil.copy(scenes / name, photos)
+            report = library.index([photos / name], model=TEST_MODEL, save_index=False)
+            assert report.new == 1
+        assert VectorIndex.newest_file(directory, "image")[1] == saved  # not rewritten
+        held = library.unsaved_indexes()
+        assert held == ["image"]
+        with Library.open(home, create=False) as reader:  # a reader sees all three
+            assert reader.vector_index("image").size == 3
+        (photos / "scene_00000.jpg").unlink()
+        library.index([photos], model=TEST_MODEL, save_index=False)  # a removal, held too
+        assert library.save_indexes() == ["image"]
+        assert library.save_indexes() == [] and library.unsaved_indexes() == []
+        generation = library.store.generation("image")
+        assert VectorIndex.newest_file(directory, "image")[1] == generation
+        assert sorted(_ids(library.vector_index("image"))) == \
+            sorted(library.store.ids("image").tolist())
+    assert names_in(home) == {"scene_00001.jpg", "scene_00003.jpg"}
+
+
+def test_the_watcher_saves_its_index_when_it_stops(tmp_path: Path, scenes: Path) -> None:
+    from index.vectors import VectorIndex
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    watcher = Watcher(tmp_path / "home", photos)
+    try:
+        for name in ("scene_00001.jpg", "scene_00003.jpg"):
+            shutil.copy(scenes / name, photos)
+        wait_for(lambda: len(paths_in(tmp_path / "home")) == 2, "two photos")
+    finally:
+        watcher.close()
+    with Library.open(tmp_path / "home") as library:
+        assert VectorIndex.newest_file(library.settings.index_dir, "image")[1] == \
+            library.store.generation("image")
