@@ -463,15 +463,23 @@ class Store:
             images = s.scalar(select(func.count()).select_from(ImageRow)) or 0
         return current >= images
 
-    def images_needing_meta(self, version: int) -> list[tuple[int, str, int]]:
-        """(id, path, mtime_ns) of images with no metadata row, or one older than `version`."""
+    def images_needing_meta(self, version: int, paths: Iterable[str] | None = None
+                            ) -> list[tuple[int, str, int]]:
+        """(id, path, mtime_ns) of images with no metadata row, or one older than `version`;
+        only among `paths` when given (a watch batch's few files, not the whole library)."""
         if not self.has_meta_table:
             return []
+        query = (select(ImageRow.id, ImageRow.path, ImageRow.mtime_ns)
+                 .outerjoin(ImageMetaRow, ImageMetaRow.image_id == ImageRow.id)
+                 .where((ImageMetaRow.image_id.is_(None)) | (ImageMetaRow.version < version)))
         with self.session() as s:
-            rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.mtime_ns)
-                             .outerjoin(ImageMetaRow, ImageMetaRow.image_id == ImageRow.id)
-                             .where((ImageMetaRow.image_id.is_(None)) |
-                                    (ImageMetaRow.version < version))).all()
+            if paths is None:
+                rows = s.execute(query).all()
+            else:
+                wanted, rows = list(paths), []
+                for start in range(0, len(wanted), 500):
+                    rows += s.execute(query.where(
+                        ImageRow.path.in_(wanted[start:start + 500]))).all()
         return [(r.id, r.path, r.mtime_ns) for r in rows]
 
     def meta_columns(self) -> MetaColumns:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,33 @@ def test_postgres_library_equals_the_sqlite_one(tmp_path: Path, postgres_db: str
     failures = run(tmp_path / "postgres", postgres_db, "failures", "--json")
     assert [f["path"] for f in json.loads(failures.stdout)["failures"]] == \
         [str(root / "broken.jpg")]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_indexing_one_folder_or_file_finds_exactly_its_rows(tmp_path: Path, store: str,
+                                                           request) -> None:
+    # the planner asks the database for the rows under the indexed paths (not every row):
+    # siblings that share a prefix ("photos2", "photos_x", "photos%"), a name with LIKE's
+    # wildcards, and one file of a folder must neither lose rows nor be planned as new
+    db = request.getfixturevalue("postgres_db") if store == "postgres" else None
+    home = tmp_path / "home"
+    folders = [tmp_path / name for name in ("photos", "photos2", "photos_x", "photos%",
+                                            "photos/sub_%")]
+    for seed, folder in enumerate(folders):
+        write_scenes(folder, 2, seed=seed, size=48)
+    assert run(home, db, "index", *map(str, folders[:4]), "--model", MODEL).exit_code == 0
+    total = json.loads(run(home, db, "stats", "--json").stdout)["images"]
+    assert total == 10
+    one_file = next((tmp_path / "photos").glob("scene_*"))
+    for root in (tmp_path / "photos", tmp_path / "photos" / "sub_%", one_file,
+                 tmp_path / "photos%"):
+        result = run(home, db, "index", str(root), "--json")
+        report = json.loads(result.stdout)
+        expected = {tmp_path / "photos": 4, tmp_path / "photos" / "sub_%": 2, one_file: 1,
+                    tmp_path / "photos%": 2}[root]
+        assert (report["new"], report["removed"], report["unchanged"]) == (0, 0, expected), \
+            (root, report)
+    shutil.rmtree(tmp_path / "photos" / "sub_%")
+    report = json.loads(run(home, db, "index", str(tmp_path / "photos"), "--json").stdout)
+    assert (report["removed"], report["unchanged"]) == (2, 2)
+    assert json.loads(run(home, db, "stats", "--json").stdout)["images"] == 8
