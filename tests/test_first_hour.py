@@ -330,9 +330,6 @@ def test_make_demo_installs_the_server_extra() -> None:
 
 # --- the demo --------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="the generator keeps the misspelling 'crosss' until the "
-                   "tiny model, trained on it, is retrained on 'crosses' (fixing the spelling "
-                   "alone made caption->image recall@5 fall 1.0 -> 0.972)")
 def test_captions_say_crosses() -> None:
     two = Scene(shape="cross", colour="red", count=2, size="small", position="",
                 background="plain", background_colour="white", seed=1)
@@ -396,8 +393,6 @@ def test_the_demo_filter_examples_show_what_they_say(demo_library) -> None:
         sorted((h.meta["taken_at"] for h in listed), reverse=True)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped tiny model was trained on the misspelling "
-                   "'crosss'; retraining on 'crosses' (scripts/train_tiny.py) should fix this")
 def test_a_plural_crosses_query_finds_crosses(demo_library) -> None:
     searcher, _, scene_of = demo_library
     hits = searcher.search("two red crosses", k=3).hits

@@ -199,7 +199,9 @@ def sample_scene(
 
 
 def _plural(shape: str, count: int) -> str:
-    return shape if count == 1 else shape + "s"
+    if count == 1:
+        return shape
+    return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")  # crosses
 
 
 def caption_for(scene: Scene, variant: int = 0) -> str:
