@@ -6,9 +6,11 @@ installs it, see .ci/run) and is skipped with a reason where it is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -35,17 +37,12 @@ SCREENSHOTS = Path(os.environ.get("CLIPDEX_SCREENSHOTS", "")) if os.environ.get(
     "CLIPDEX_SCREENSHOTS") else None
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory):
-    """A real uvicorn server on 127.0.0.1 (random port) over 24 indexed, captioned scenes."""
+@contextlib.contextmanager
+def _serving(home: Path):
+    """A real uvicorn server on 127.0.0.1 (random port) over the library at `home`."""
     import uvicorn
 
-    root = tmp_path_factory.mktemp("web")
-    write_scenes(root / "scenes", 24, seed=11)
-    with Library.open(root / "home") as lib:
-        lib.index([root / "scenes"], model="tiny")
-        lib.add_captions(root / "scenes" / "captions.jsonl")
-    searcher = Searcher.open(root / "home")
+    searcher = Searcher.open(home)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -56,11 +53,56 @@ def server_url(tmp_path_factory: pytest.TempPathFactory):
     deadline = time.monotonic() + 120
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", root / "scenes"
-    server.should_exit = True
-    thread.join(timeout=10)
-    searcher.close()
+    try:
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        searcher.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real uvicorn server on 127.0.0.1 (random port) over 24 indexed, captioned scenes
+    (no tags; no near-duplicates at the default threshold)."""
+    root = tmp_path_factory.mktemp("web")
+    write_scenes(root / "scenes", 24, seed=11)
+    with Library.open(root / "home") as lib:
+        lib.index([root / "scenes"], model="tiny")
+        lib.add_captions(root / "scenes" / "captions.jsonl")
+    with _serving(root / "home") as url:
+        yield url, root / "scenes"
+
+
+# the tagged library's copies of its own scenes: (copy, original, how)
+COPIES = (("copy_exact.jpg", "scene_00000.jpg", "copy"),
+          ("copy_half.jpg", "scene_00001.jpg", "half"),
+          ("copy_recompressed.jpg", "scene_00002.png", "jpeg60"))
+
+
+@pytest.fixture(scope="module")
+def tagged_url(tmp_path_factory: pytest.TempPathFactory):
+    """A server over 12 scenes and three copies of three of them (an exact copy, one resized
+    to half, one recompressed), tagged zero-shot with the built-in scene vocabulary."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("web-tagged")
+    scenes = root / "scenes"
+    write_scenes(scenes, 12, seed=5)
+    for copy, original, how in COPIES:
+        if how == "copy":
+            shutil.copy2(scenes / original, scenes / copy)
+            continue
+        with Image.open(scenes / original) as image:
+            if how == "half":
+                image = image.resize((image.width // 2, image.height // 2))
+            image.convert("RGB").save(scenes / copy, quality=85 if how == "half" else 60)
+    with Library.open(root / "home") as lib:
+        lib.index([scenes], model="tiny")
+        lib.tag()  # what `clipdex tag` does: the built-in vocabulary for `tiny`
+    with _serving(root / "home") as url:
+        yield url, scenes
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +113,27 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, server_url):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+def _open_page(browser, url: str, **options):
+    context = browser.new_context(**{"viewport": {"width": 1280, "height": 900}, **options})
     context.set_default_timeout(WAIT_MS)
     playwright_api.expect.set_options(timeout=WAIT_MS)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server_url[0] + "/")
+    page.goto(url)
     yield page
     context.close()
     assert not errors, errors  # no JavaScript exceptions on the page
+
+
+@pytest.fixture
+def page(browser, server_url):
+    yield from _open_page(browser, server_url[0] + "/")
+
+
+@pytest.fixture
+def tagged_page(browser, tagged_url):
+    yield from _open_page(browser, tagged_url[0] + "/")
 
 
 def _loaded_thumbnails(page) -> int:
@@ -303,6 +354,7 @@ def test_camera_and_place_are_hidden_without_such_photos(page, server_url) -> No
     expect(page.locator("#type option")).to_have_count(2)  # "any" and PNG: the answer was read
     expect(page.locator("#camera")).to_be_hidden()
     expect(page.locator("#place")).to_be_hidden()
+    expect(page.locator("#tag")).to_be_hidden()  # no "tags" in the answer: none
     expect(page.locator("#from")).to_be_visible()
     expect(page.locator("#sort")).to_be_visible()
 
@@ -414,9 +466,15 @@ def test_filters_hold_for_image_and_caption_queries(page, server_url) -> None:
     expect(page.locator("#chosen-name")).to_have_text(scene.name)
     expect(page.locator("#results .score")).to_have_count(3)  # an image query, filtered
     assert set(page.locator("#results .hit .place").all_inner_texts()) == {"Paris"}
-    page.locator("#results button.similar").first.click()  # "similar": filtered as well
+    first = page.locator("#results article.hit.image").first
+    like = int(first.locator("a.thumb-link").get_attribute("href").rsplit("/", 1)[1])
+    wanted = _api_search(page, server_url, {"image_id": like, "type": "jpeg", "place": "Paris",
+                                            "top": 24})
+    assert wanted and like not in [h["id"] for h in wanted]  # the image itself is left out
+    first.locator("button.similar").click()  # "similar": filtered as well
     expect(page.locator("#chosen-name")).not_to_have_text(scene.name)
-    expect(page.locator("#results .score")).to_have_count(3)
+    expect(page.locator(f"#results a.thumb-link[href='/api/images/{like}']")).to_have_count(0)
+    expect(page.locator("#results .score")).to_have_count(len(wanted))  # its answer, shown
     assert set(page.locator("#results .hit .place").all_inner_texts()) == {"Paris"}
 
     page.click("#clear-image")
@@ -470,3 +528,279 @@ def test_filter_errors_are_shown_on_the_page(page) -> None:
     page.keyboard.press("Enter")
     expect(page.locator("#results article.hit").first).to_be_visible()
     expect(page.locator("#status")).not_to_have_class("error")
+
+
+# --- tags (zero-shot, `clipdex tag`) ----------------------------------------------------------
+# tagged_url: 12 scenes (seed=5) and three copies, tagged with the built-in scene vocabulary
+# (a shape and a colour per image, best first); server_url's library has no tags.
+
+def _shown_tags(card) -> list[str]:
+    return card.locator(".tags button.tag").all_inner_texts()
+
+
+def _best_labels(hit: dict, most: int = 3) -> list[str]:
+    """The labels the page shows for a hit: best score first, at most `most`."""
+    return [t["label"] for t in sorted(hit["meta"]["tags"], key=lambda t: -t["score"])][:most]
+
+
+def test_the_tag_filter_is_hidden_without_tags(page, server_url) -> None:
+    expect = playwright_api.expect
+    offered = page.request.get(server_url[0] + "/api/filters").json()
+    assert offered["tags"] == []
+    expect(page.locator("#type option")).to_have_count(1 + len(offered["types"]))  # loaded
+    expect(page.locator("#tag")).to_be_hidden()
+    expect(page.locator("#camera")).to_be_visible()
+    page.fill("#q", "a red circle")
+    page.keyboard.press("Enter")
+    expect(_hits(page)).to_have_count(24)
+    expect(page.locator("#results .hit .tags")).to_have_count(0)
+
+
+def test_the_tag_filter_is_filled_and_filters(tagged_page, tagged_url) -> None:
+    expect = playwright_api.expect
+    page = tagged_page
+    offered = page.request.get(tagged_url[0] + "/api/filters").json()
+    assert len(offered["tags"]) >= 4
+    expect(page.locator("#tag option")).to_have_count(1 + len(offered["tags"]))
+    expect(page.locator("#tag")).to_be_visible()
+    values = page.eval_on_selector_all("#tag option", "os => os.map(o => o.value)")
+    assert values == ["", *offered["tags"]]
+    assert page.locator("#tag option").first.inner_text() == "any"
+
+    # the most common tag whose photos are of both formats, so that a type filter takes some
+    listed = {t: _api_search(page, tagged_url, {"tag": t, "top": 24}) for t in offered["tags"]}
+    tag = next(t for t, hits in listed.items()
+               if {h["meta"]["format"] for h in hits} == {"jpeg", "png"})
+    wanted = listed[tag]
+    assert 2 <= len(wanted) < 15  # some images, not all
+    assert all(tag in [t["label"] for t in h["meta"]["tags"]] for h in wanted)
+    page.select_option("#tag", tag)  # no query: the photos with that tag are listed
+    expect(_hits(page)).to_have_count(len(wanted))
+    expect(page.locator("#status")).to_contain_text(f"tagged “{tag}”")
+    names = page.locator("#results .hit .name").all_inner_texts()
+    assert names == [Path(h["path"]).name for h in wanted]
+    expect(page.locator("#clear-filters")).to_be_visible()
+
+    wanted = _api_search(page, tagged_url, {"text": "a red circle", "tag": tag, "top": 24})
+    page.fill("#q", "a red circle")  # with a text query: the same images, ranked
+    page.keyboard.press("Enter")
+    expect(page.locator("#results .score")).to_have_count(len(wanted))
+    names = page.locator("#results .hit .name").all_inner_texts()
+    assert names == [Path(h["path"]).name for h in wanted]
+
+    wanted = _api_search(page, tagged_url, {"text": "a red circle", "tag": tag, "type": "png",
+                                            "top": 24})
+    assert 1 <= len(wanted) < len(names)  # combined with another filter: both hold
+    page.select_option("#type", "png")
+    expect(page.locator("#results .score")).to_have_count(len(wanted))
+    names = page.locator("#results .hit .name").all_inner_texts()
+    assert names == [Path(h["path"]).name for h in wanted]
+
+    page.click("#clear-filters")
+    expect(page.locator("#tag")).to_have_value("")
+    expect(_hits(page)).to_have_count(15)
+
+
+def test_tags_under_the_thumbnails(tagged_page, tagged_url) -> None:
+    expect = playwright_api.expect
+    page = tagged_page
+    wanted = _api_search(page, tagged_url, {"text": "a blue star", "top": 24})
+    assert len(wanted) == 15 and all(h["meta"]["tags"] for h in wanted)
+    page.fill("#q", "a blue star")
+    page.keyboard.press("Enter")
+    cards = page.locator("#results article.hit.image")
+    expect(cards).to_have_count(15)
+    expect(page.locator("#results .hit .tags")).to_have_count(15)
+    for i, hit in enumerate(wanted):
+        card = cards.nth(i)
+        expect(card.locator(".name")).to_have_text(Path(hit["path"]).name)
+        assert _shown_tags(card) == _best_labels(hit), (hit["path"], hit["meta"]["tags"])
+    first = cards.first
+    box = first.locator(".tags").bounding_box()
+    thumb = first.locator("img.thumb").bounding_box()
+    assert box["y"] >= thumb["y"] + thumb["height"] - 1  # under the thumbnail, inside the card
+    expect(first.locator("time.taken")).to_be_visible()  # with the date line, as before
+    if SCREENSHOTS:
+        page.screenshot(path=str(SCREENSHOTS / "tags.png"))
+
+    label = _shown_tags(first)[0]  # a click on a tag filters by it
+    first.locator(".tags button.tag").first.click()
+    expect(page.locator("#tag")).to_have_value(label)
+    wanted = _api_search(page, tagged_url, {"text": "a blue star", "tag": label, "top": 24})
+    expect(page.locator("#status")).to_contain_text(f"tagged “{label}”")
+    expect(page.locator("#results .score")).to_have_count(len(wanted))
+    names = page.locator("#results .hit .name").all_inner_texts()
+    assert names == [Path(h["path"]).name for h in wanted]
+
+
+# --- the duplicates view (GET /api/duplicates) ------------------------------------------------
+
+def _api_duplicates(page, url: str, threshold: float | None = None) -> list[dict]:
+    query = "" if threshold is None else f"?threshold={threshold}"
+    response = page.request.get(url + "/api/duplicates" + query)
+    assert response.ok, response.text()
+    return response.json()["groups"]
+
+
+def _shown_groups(page):
+    return page.locator("#groups > li.group")
+
+
+def _check_groups(page, wanted: list[dict]) -> None:
+    """The page's groups are the API's: same groups, same copies, best first, cosines."""
+    expect = playwright_api.expect
+    groups = _shown_groups(page)
+    expect(groups).to_have_count(len(wanted))
+    for i, group in enumerate(wanted):
+        row = groups.nth(i)
+        copies = [group["best"], *group["others"]]
+        expect(row.locator("li.copy")).to_have_count(len(copies))
+        names = row.locator("li.copy .name").all_inner_texts()
+        assert names == [Path(c["path"]).name for c in copies]
+        paths = row.locator("li.copy .name").evaluate_all("ns => ns.map(n => n.title)")
+        assert paths == [c["path"] for c in copies]
+        best = row.locator("li.copy").first
+        expect(best).to_have_class(re.compile(r"\bbest\b"))
+        expect(best.locator(".mark")).to_have_text("best")
+        expect(row.locator("li.copy.best")).to_have_count(1)
+        marks = row.locator("li.copy .mark.cosine").all_inner_texts()
+        assert len(marks) == len(group["others"])
+        for shown, copy in zip(marks, group["others"]):
+            assert abs(float(shown) - copy["cosine"]) <= 0.0006, (shown, copy)
+        sizes = row.locator("li.copy .size").all_inner_texts()
+        assert sizes == [f"{c['width']}×{c['height']}" for c in copies]
+
+
+def test_the_duplicates_view_lists_the_groups(tagged_page, tagged_url) -> None:
+    expect = playwright_api.expect
+    page = tagged_page
+    url = tagged_url[0]
+    wanted = _api_duplicates(page, url)
+    assert len(wanted) == 3  # the three copies, each with its original
+    expect(page.locator("#dupes")).to_be_hidden()  # the search view is the default
+    page.get_by_role("link", name="Duplicates").click()
+    expect(page.locator("#dupes")).to_be_visible()
+    expect(page.locator("#search")).to_be_hidden()
+    expect(page.locator("#view-duplicates")).to_have_attribute("aria-current", "page")
+    expect(page.locator("#threshold")).to_have_value("0.96")  # the API's default, shown
+    _check_groups(page, wanted)
+    expect(page.locator("#status")).to_contain_text("3 groups")
+    expect(page.locator("#status")).not_to_have_class("error")
+    page.wait_for_function("""() => {
+        const imgs = [...document.querySelectorAll('#groups img.thumb')];
+        return imgs.length === 6 && imgs.every(i => i.complete && i.naturalWidth > 0); }""")
+    expect(page.locator("#copy-others")).to_be_visible()
+    expect(page.get_by_label("Threshold")).to_be_visible()  # the input has its label
+    assert page.url.endswith("#duplicates")
+    if SCREENSHOTS:
+        page.screenshot(path=str(SCREENSHOTS / "duplicates.png"))
+
+    counts = [len(wanted)]
+    for threshold in ("0.995", "1"):  # stricter: fewer groups, as the API says
+        wanted = _api_duplicates(page, url, float(threshold))
+        page.fill("#threshold", threshold)
+        page.keyboard.press("Enter")
+        expect(page.locator("#status")).to_contain_text(f"cosine ≥ {float(threshold):g}")
+        _check_groups(page, wanted)
+        counts.append(len(wanted))
+    assert counts[0] > counts[-1] >= 1, counts  # the exact copy is still a copy at 1.0
+
+    page.get_by_role("link", name="Search").click()  # back: the search view as it was
+    expect(page.locator("#search")).to_be_visible()
+    expect(page.locator("#dupes")).to_be_hidden()
+    expect(_shown_groups(page).first).to_be_hidden()
+    page.fill("#q", "a red circle")
+    page.keyboard.press("Enter")
+    expect(_hits(page)).to_have_count(15)
+
+
+def test_duplicates_threshold_errors_are_shown(tagged_page, tagged_url) -> None:
+    expect = playwright_api.expect
+    page = tagged_page
+    url = tagged_url[0]
+    page.goto(url + "/#duplicates")
+    expect(_shown_groups(page)).to_have_count(3)
+    for bad in ("1.5", "0", "-0.2"):
+        assert page.request.get(url + f"/api/duplicates?threshold={bad}").status == 422
+        page.fill("#threshold", bad)
+        page.keyboard.press("Enter")
+        expect(page.locator("#status.error")).to_contain_text("threshold")
+        expect(_shown_groups(page)).to_have_count(0)
+        expect(page.locator("#copy-others")).to_be_hidden()
+    page.fill("#threshold", "0.96")
+    page.click("#find-dupes")
+    expect(_shown_groups(page)).to_have_count(3)
+    expect(page.locator("#status")).not_to_have_class("error")
+
+    empty = tagged_url[1] / "empty"  # a folder with no images: no groups below it
+    empty.mkdir(exist_ok=True)
+    page.fill("#dupes-under", str(empty))
+    page.keyboard.press("Enter")
+    expect(page.locator("#no-dupes")).to_contain_text(f"below {empty}")
+    expect(_shown_groups(page)).to_have_count(0)
+    page.fill("#dupes-under", str(empty / "missing"))  # no such folder: the API says so
+    page.keyboard.press("Enter")
+    expect(page.locator("#status.error")).to_contain_text("no such folder")
+    expect(page.locator("#no-dupes")).to_be_hidden()
+    page.fill("#dupes-under", str(tagged_url[1]))
+    page.keyboard.press("Enter")
+    expect(_shown_groups(page)).to_have_count(3)
+
+    page.get_by_role("link", name="Search").click()  # a search error stays in its own view
+    page.fill("#q", "x" * 2500)
+    page.keyboard.press("Enter")
+    expect(page.locator("#status.error")).to_contain_text("at most 2000")
+    page.get_by_role("link", name="Duplicates").click()
+    expect(_shown_groups(page)).to_have_count(3)
+    expect(page.locator("#status")).not_to_have_class("error")
+
+
+def test_no_duplicates_says_so(page, server_url) -> None:
+    expect = playwright_api.expect
+    assert _api_duplicates(page, server_url[0]) == []  # 24 distinct scenes
+    page.get_by_role("link", name="Duplicates").click()
+    expect(page.locator("#no-dupes")).to_be_visible()
+    expect(page.locator("#no-dupes")).to_contain_text("No near-duplicate images")
+    expect(page.locator("#status")).to_contain_text("No duplicates at cosine ≥ 0.96")
+    expect(page.locator("#status")).not_to_have_class("error")
+    expect(_shown_groups(page)).to_have_count(0)
+    expect(page.locator("#copy-others")).to_be_hidden()
+    text = page.locator("body").inner_text()
+    assert "undefined" not in text and "NaN" not in text and "null" not in text
+
+
+def test_copy_paths_of_the_other_copies(tagged_page, tagged_url) -> None:
+    expect = playwright_api.expect
+    page = tagged_page
+    page.goto(tagged_url[0] + "/#duplicates")
+    # the clipboard as the page sees it, kept where the test can read it
+    page.evaluate("""() => Object.defineProperty(navigator, "clipboard", { value: {
+        writeText: async (text) => { window.copiedText = text; } } })""")
+    expect(_shown_groups(page)).to_have_count(3)
+    page.get_by_role("button", name="copy paths of the other copies").click()
+    expect(page.locator("#status")).to_contain_text("Copied the paths of 3 copies")
+    wanted = _api_duplicates(page, tagged_url[0])
+    copied = page.evaluate("() => window.copiedText")
+    assert copied.splitlines() == [c["path"] for g in wanted for c in g["others"]]
+    assert all(g["best"]["path"] not in copied.splitlines() for g in wanted)
+
+
+def test_duplicates_at_phone_width(browser, tagged_url) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True,
+                                  has_touch=True)
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    try:
+        page.goto(tagged_url[0] + "/#duplicates")  # the view has an address of its own
+        expect = playwright_api.expect
+        expect(page.locator("#view-duplicates")).to_have_attribute("aria-current", "page")
+        expect(_shown_groups(page)).to_have_count(3)
+        page.wait_for_function("""() => [...document.querySelectorAll('#groups img.thumb')]
+                                  .filter(i => i.complete && i.naturalWidth > 0).length >= 2""")
+        expect(page.locator("#threshold")).to_be_visible()
+        wide = page.evaluate("() => document.documentElement.scrollWidth")
+        assert wide <= 375, f"the duplicates view is {wide}px wide on a 375px screen"
+        if SCREENSHOTS:
+            page.screenshot(path=str(SCREENSHOTS / "duplicates-phone.png"), full_page=True)
+    finally:
+        context.close()

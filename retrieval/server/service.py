@@ -249,7 +249,7 @@ class Service:
         return self.searcher.library.stats()
 
     def duplicates(self, *, threshold: float, under: str | None = None) -> dict:
-        """Near-duplicate groups (retrieval.duplicates), with each copy's thumbnail URL."""
+        """Near-duplicate groups (retrieval.duplicates); the page builds thumbnail URLs from ids."""
         from ..duplicates import find_duplicates
 
         if under is not None and len(under) > MAX_TEXT:

@@ -1,19 +1,28 @@
-// clipdex web page: plain JS over the JSON API (POST /api/search), no build step.
+// clipdex web page: plain JS over the JSON API (POST /api/search, GET /api/duplicates), no
+// build step. Two views: search (the default) and #duplicates.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 // lastBody: the request of the results shown (for "More results"); lastView: the filters as
 // the user set them for it (for the status line); seq: the latest search sent (older answers
 // that arrive late are dropped)
+// view: "search" or "duplicates"; status: each view's status line, shown while it is shown;
+// dupesSeq: the latest duplicates request; others: the paths of the non-best copies shown
 const state = { image: null, imageName: "", imageId: null, offset: 0, lastBody: null,
-                lastView: null, seq: 0, filterTimer: null };
+                lastView: null, seq: 0, filterTimer: null, view: "search",
+                status: { search: ["", false], duplicates: ["", false] }, dupesSeq: 0,
+                others: [] };
 const FILE_TIME = "file time, no camera date";
+const MAX_TAGS = 3; // tags shown under a thumbnail, best first
 
 function target() {
   return document.querySelector('input[name="target"]:checked').value;
 }
 
-function setStatus(text, isError = false) {
+// the status line (and error area) of a view; another view's is kept for when it is back
+function setStatus(text, isError = false, view = "search") {
+  state.status[view] = [text, isError];
+  if (view !== state.view) return;
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
 }
@@ -84,11 +93,12 @@ function wireDropZone() {
 // the filter bar as the user set it; "to" is inclusive here, and sent as `before` the next day
 function filterView() {
   return { from: $("from").value, to: $("to").value, camera: $("camera").value.trim(),
-           place: $("place").value.trim(), type: $("type").value, sort: $("sort").value };
+           place: $("place").value.trim(), tag: $("tag").value, type: $("type").value,
+           sort: $("sort").value };
 }
 
 function hasFilters(view) {
-  return Boolean(view.from || view.to || view.camera || view.place || view.type);
+  return Boolean(view.from || view.to || view.camera || view.place || view.tag || view.type);
 }
 
 function dayAfter(day) { // "2021-12-31" -> "2022-01-01", in UTC so no time zone shifts it
@@ -103,16 +113,19 @@ function filterFields(view) {
   if (view.to) fields.before = dayAfter(view.to);
   if (view.camera) fields.camera = view.camera;
   if (view.place) fields.place = view.place;
+  if (view.tag) fields.tag = view.tag;
   if (view.type) fields.type = view.type;
   if (view.sort !== "relevance") fields.sort = view.sort;
   return fields;
 }
 
-// "taken in Lisbon, shot with “canon”, from 2021-01-01 to 2021-12-31"; "" without filters
+// "taken in Lisbon, shot with “canon”, tagged “dog”, from 2021-01-01 to 2021-12-31"; ""
+// without filters
 function describeFilters(view) {
   const clauses = [];
   if (view.place) clauses.push(`taken in ${view.place}`);
   if (view.camera) clauses.push(`shot with “${view.camera}”`);
+  if (view.tag) clauses.push(`tagged “${view.tag}”`);
   if (view.from && view.to) clauses.push(`from ${view.from} to ${view.to}`);
   else if (view.from) clauses.push(`from ${view.from} on`);
   else if (view.to) clauses.push(`up to ${view.to}`);
@@ -132,6 +145,7 @@ function updateClearButton() {
 
 function clearFilters() {
   for (const id of ["from", "to", "camera", "place"]) $(id).value = "";
+  $("tag").value = "";
   $("type").value = "";
   $("sort").value = "relevance";
   filtersChanged(true);
@@ -161,17 +175,34 @@ function fillOptions(select, values, label = (v) => v) {
   for (const value of values) select.append(el("option", { value, textContent: label(value) }));
 }
 
-// the filter bar's choices: the library's cameras, places, formats and date range
+// the tag filter set to `label` (a tag clicked under a thumbnail), and the search re-run
+function setTagFilter(label) {
+  const select = $("tag");
+  if (![...select.options].some((o) => o.value === label)) { // the filters not loaded yet
+    select.append(el("option", { value: label, textContent: label }));
+  }
+  select.value = label;
+  $("tag-filter").hidden = false;
+  filtersChanged(true);
+}
+
+// the filter bar's choices: the library's cameras, places, tags, formats and date range
 async function loadFilters() {
   try {
     const response = await fetch("/api/filters");
     const data = await response.json();
     if (!response.ok) return;
+    const tags = data.tags || [];
     fillOptions($("cameras"), data.cameras);
     fillOptions($("places"), data.places);
+    const chosen = $("tag").value; // a tag clicked meanwhile stays chosen
+    $("tag").replaceChildren(el("option", { value: "", textContent: "any" }));
+    fillOptions($("tag"), tags);
+    if (chosen) setTagFilter(chosen);
     fillOptions($("type"), data.types, (t) => t.toUpperCase());
     $("camera-filter").hidden = !data.cameras.length;
     $("place-filter").hidden = !data.places.length;
+    $("tag-filter").hidden = !tags.length && !chosen;
     if (data.taken) {
       for (const id of ["from", "to"]) {
         if (data.taken.first) $(id).min = data.taken.first.slice(0, 10);
@@ -274,15 +305,19 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
-function thumbLink(imageId, alt) {
+function thumbLink(imageId, alt, size = 320) {
   const img = el("img", { className: "thumb", loading: "lazy", alt,
-                          src: `/api/images/${imageId}/thumbnail?size=320` });
+                          src: `/api/images/${imageId}/thumbnail?size=${size}` });
   return el("a", { className: "thumb-link", href: `/api/images/${imageId}`, target: "_blank",
                    rel: "noopener", title: "Open the original" }, img);
 }
 
 function baseName(path) {
   return path ? path.split(/[\\/]/).pop() : "";
+}
+
+function folderOf(path) { // "/photos/2021/a.jpg" -> "/photos/2021/"
+  return path ? path.slice(0, path.length - baseName(path).length) : "";
 }
 
 function similarButton(hit) {
@@ -333,10 +368,34 @@ function photoLine(meta) {
   return parts.length ? [el("div", { className: "photo" }, ...parts)] : [];
 }
 
+// the image's zero-shot tags, best first (at most MAX_TAGS); each a button that filters by it
+function tagLine(meta) {
+  const best = new Map(); // lower-case label -> its best-scored tag (a label in two groups)
+  for (const t of meta?.tags || []) {
+    const key = (t?.label || "").toLowerCase();
+    if (key && (!best.has(key) || t.score > best.get(key).score)) best.set(key, t);
+  }
+  const tags = [...best.values()].sort((a, b) => b.score - a.score).slice(0, MAX_TAGS);
+  if (!tags.length) return [];
+  const buttons = tags.map((t) => {
+    const score = typeof t.score === "number" ? ` ${Math.round(t.score * 100)}%` : "";
+    const button = el("button", { className: "tag", type: "button", textContent: t.label,
+                                  title: `${t.group ? `${t.group}: ` : ""}${t.label}${score}` +
+                                         " · show only images tagged so" });
+    button.addEventListener("click", () => setTagFilter(t.label));
+    return button;
+  });
+  const line = el("div", { className: "tags" }, ...buttons);
+  line.setAttribute("role", "group");
+  line.setAttribute("aria-label", "Tags");
+  return [line];
+}
+
 function imageCard(hit) {
   const meta = el("div", { className: "meta" },
     ...scoreSpans(hit),
     ...photoLine(hit.meta),
+    ...tagLine(hit.meta),
     el("span", { className: "name", textContent: baseName(hit.path), title: hit.path || "" }),
     similarButton(hit));
   return el("article", { className: "hit image" }, thumbLink(hit.id, baseName(hit.path)), meta);
@@ -348,11 +407,149 @@ function captionCard(hit) {
     el("div", { className: "meta" },
       ...scoreSpans(hit),
       el("span", { className: "name", textContent: baseName(hit.path), title: hit.path || "" }),
-      ...photoLine(hit.meta)));
+      ...photoLine(hit.meta),
+      ...tagLine(hit.meta)));
   const card = el("article", { className: "hit caption" });
   if (hit.image_id !== null) card.append(thumbLink(hit.image_id, hit.text));
   card.append(body);
   return card;
+}
+
+// --- the duplicates view -------------------------------------------------------------------
+function showView() {
+  const view = location.hash === "#duplicates" ? "duplicates" : "search";
+  const changed = view !== state.view;
+  state.view = view;
+  document.body.dataset.view = view;
+  for (const [id, shows] of [["view-search", "search"], ["view-duplicates", "duplicates"]]) {
+    if (shows === view) $(id).setAttribute("aria-current", "page");
+    else $(id).removeAttribute("aria-current");
+  }
+  document.title = view === "duplicates" ? "clipdex · duplicates" : "clipdex";
+  const [text, isError] = state.status[view];
+  setStatus(text, isError, view);
+  if (view === "duplicates" && (changed || !state.dupesSeq)) loadDuplicates();
+}
+
+function formatCosine(value) {
+  return typeof value === "number" && Number.isFinite(value) ? value.toFixed(3) : "";
+}
+
+function formatBytes(n) {
+  if (typeof n !== "number" || !Number.isFinite(n)) return "";
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(0)} KB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function clearDuplicates() {
+  $("groups").replaceChildren();
+  $("no-dupes").hidden = true;
+  state.others = [];
+  $("copy-others").hidden = true;
+}
+
+async function loadDuplicates() {
+  const input = $("threshold");
+  const seq = ++state.dupesSeq;
+  if (input.validity.badInput || (input.value !== "" && !Number.isFinite(Number(input.value)))) {
+    clearDuplicates();
+    setStatus("The threshold must be a number in (0, 1], e.g. 0.96.", true, "duplicates");
+    return;
+  }
+  const params = new URLSearchParams();
+  if (input.value !== "") params.set("threshold", input.value);
+  const under = $("dupes-under").value.trim();
+  if (under) params.set("under", under);
+  setStatus("Looking for near-duplicates…", false, "duplicates");
+  const started = performance.now();
+  try {
+    const response = await fetch(`/api/duplicates?${params}`);
+    const data = await response.json();
+    if (seq !== state.dupesSeq) return; // a newer request was sent meanwhile
+    if (!response.ok) throw new Error(data.error || response.statusText);
+    if (input.value === "") input.value = data.threshold; // the server's default, shown
+    renderDuplicates(data, under, performance.now() - started);
+  } catch (err) {
+    if (seq !== state.dupesSeq) return;
+    clearDuplicates();
+    setStatus(err.message, true, "duplicates");
+  }
+}
+
+function renderDuplicates(data, under, ms) {
+  clearDuplicates();
+  const groups = data.groups || [];
+  const threshold = data.threshold;
+  const where = under ? ` below ${under}` : "";
+  if (!groups.length) {
+    $("no-dupes").textContent = `No near-duplicate images${where} at cosine ≥ ${threshold}: ` +
+      "no two images are that alike. A lower threshold finds looser copies.";
+    $("no-dupes").hidden = false;
+    setStatus(`No duplicates at cosine ≥ ${threshold}.`, false, "duplicates");
+    return;
+  }
+  $("groups").append(...groups.map((g, i) => groupRow(g, i + 1)));
+  state.others = groups.flatMap((g) => g.others.map((c) => c.path));
+  $("copy-others").hidden = !state.others.length;
+  const extra = state.others.length;
+  setStatus(`${plural(groups.length, "group")} of near-duplicates${where}, ${extra} ` +
+            `${extra === 1 ? "copy" : "copies"} besides the best of each, at cosine ≥ ` +
+            `${threshold} · ${Math.round(ms)} ms`, false, "duplicates");
+}
+
+function groupRow(group, number) {
+  const copies = [group.best, ...group.others];
+  return el("li", { className: "group" },
+    el("h3", { className: "group-title", textContent: `Group ${number} · ${copies.length} copies` }),
+    el("ol", { className: "copies" }, ...copies.map((c, i) => copyCard(c, i === 0))));
+}
+
+// one copy: its thumbnail, "best" or its cosine to the best copy, its size, name and path
+function copyCard(copy, best) {
+  const mark = best
+    ? el("span", { className: "mark best", textContent: "best",
+                   title: "The copy to keep: the most pixels, then the earliest capture, " +
+                          "then the shortest path" })
+    : el("span", { className: "mark cosine", textContent: formatCosine(copy.cosine),
+                   title: `cosine ${copy.cosine} to the best copy` });
+  const details = [mark];
+  if (copy.width && copy.height) {
+    details.push(el("span", { className: "size", textContent: `${copy.width}×${copy.height}`,
+                              title: [`${copy.width}×${copy.height} pixels`,
+                                      formatBytes(copy.bytes)].filter(Boolean).join(", ") }));
+  }
+  const name = baseName(copy.path) || `image ${copy.id}`;
+  return el("li", { className: best ? "copy best" : "copy" },
+    thumbLink(copy.id, name, 256),
+    el("div", { className: "meta" }, ...details,
+      el("span", { className: "name", textContent: name, title: copy.path || "" }),
+      el("span", { className: "path", textContent: folderOf(copy.path), title: copy.path || "" })));
+}
+
+async function copyOthers() {
+  const paths = state.others;
+  if (!paths.length) return;
+  const text = paths.join("\n") + "\n";
+  let copied = false;
+  try {
+    await navigator.clipboard.writeText(text);
+    copied = true;
+  } catch (err) { // no clipboard API (not a secure context) or refused: the old way
+    const area = el("textarea", { value: text, readOnly: true });
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.append(area);
+    area.select();
+    try { copied = document.execCommand("copy"); } catch (e) { copied = false; }
+    area.remove();
+  }
+  if (copied) {
+    setStatus(`Copied the paths of ${paths.length} ${paths.length === 1 ? "copy" : "copies"} ` +
+              "(all but the best of each group), one a line.", false, "duplicates");
+  } else {
+    setStatus("The browser did not allow copying to the clipboard.", true, "duplicates");
+  }
 }
 
 // --- start ----------------------------------------------------------------------------------
@@ -394,11 +591,18 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const id of ["from", "to", "type", "sort"]) {
     $(id).addEventListener("change", () => filtersChanged(true));
   }
+  $("tag").addEventListener("change", () => filtersChanged(true));
   for (const id of ["camera", "place"]) { // typed: wait for a pause; picked or left: at once
     $(id).addEventListener("input", () => filtersChanged());
     $(id).addEventListener("change", () => filtersChanged(true));
   }
   $("clear-filters").addEventListener("click", clearFilters);
+  $("dupes-form").addEventListener("submit", (e) => { e.preventDefault(); loadDuplicates(); });
+  $("threshold").addEventListener("change", () => loadDuplicates());
+  $("copy-others").addEventListener("click", copyOthers);
+  window.addEventListener("hashchange", showView);
+  state.view = "";
+  showView();
   loadStats();
   loadFilters();
   loadExamples();
