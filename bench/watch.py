@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=500)
     parser.add_argument("--library", type=int, default=0,
                         help="synthetic vectors already in the library (default none)")
+    parser.add_argument("--code", type=Path,
+                        help="run the server from this checkout (PYTHONPATH), e.g. a git "
+                             "worktree of an older commit, for a side-by-side comparison")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -97,6 +100,8 @@ def main() -> None:
     log = open(work / "serve.log", "w")  # a file: a pipe left unread could stall the server
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.code:
+        env["PYTHONPATH"] = str(args.code.resolve())
     server = subprocess.Popen(
         [str(REPO / ".venv/bin/clipdex"), "--quiet", "--home", str(work / "home"), "serve",
          "--port", str(port), "--watch", str(photos), "--model", "tiny"],
@@ -145,6 +150,7 @@ def main() -> None:
     # each batch's own time, as the server logs it ("watch: indexed: 3 new in 0.4s")
     batch_s = [float(m) for m in re.findall(r"^watch: indexed: .* in ([\d.]+)s", err, re.M)]
     result = {"command": " ".join(sys.argv), "cores": os.cpu_count(), "model": "tiny",
+              "code": str(args.code) if args.code else "this checkout",
               "singles_s": _pct(singles), "burst_s": _pct(list(burst.values())),
               "burst_all_indexed_s": round(all_in, 2) if closes else None,
               "burst_photos": len(closes), "library": prefill,

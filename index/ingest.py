@@ -19,7 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sqlalchemy import delete, func, insert, or_, select
+from sqlalchemy import delete, insert, select
 
 from . import faults
 from .embedder import Embedder, is_embedder
@@ -36,8 +36,7 @@ from .scan import (
     scan,
 )
 from .settings import DECODE_NICE
-from .store import _UNDECODABLE as _UNDECODABLE_MARKER
-from .store import FailureRow, ImageRow, Store, failure_reason, now
+from .store import FailureRow, ImageRow, Store, failure_reason, now, rows_under
 
 __all__ = ["IngestProgress", "IngestReport", "ingest_images"]
 
@@ -143,43 +142,6 @@ def _under(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-ROOTS_PER_QUERY = 100  # SQLite parses `a OR b OR ...` into a tree at most 1000 deep
-
-
-def _rows_under(session, query, column, roots: list[str], *, scalars: bool = False) -> list:
-    """The rows of `query` whose `column` (a FilePath) may lie under `roots`: at least every
-    row `_under` accepts (callers still check with it), found through the path index on
-    SQLite rather than by reading every row of a large library for a watch batch's few files.
-
-    SQLite compares text bytewise, so "under ROOT/" is the range [ROOT/, ROOT0) ('0' follows
-    '/'). Other databases compare by collation, where that range is not exact; they use
-    substr(path, 1, len) = 'ROOT/' (exact, a scan in the database). Stored undecodable paths
-    (the FilePath marker) are always included.
-    """
-    run = session.scalars if scalars else session.execute
-    try:
-        for root in roots:
-            root.encode("utf-8")
-    except UnicodeEncodeError:  # an undecodable root: its rows are stored encoded
-        return list(run(query))
-    sqlite = session.get_bind().dialect.name == "sqlite"
-    marker = _UNDECODABLE_MARKER
-
-    def near(prefix: str):
-        if sqlite:
-            return (column >= prefix) & (column < prefix[:-1] + chr(ord(prefix[-1]) + 1))
-        return func.substr(column, 1, len(prefix)) == prefix
-
-    rows: dict[object, object] = {}
-    for start in range(0, len(roots), ROOTS_PER_QUERY):
-        chunk = roots[start:start + ROOTS_PER_QUERY]
-        condition = or_(column.in_(chunk), near(marker),
-                        *(near(r.rstrip(os.sep) + os.sep) for r in chunk))
-        for row in run(query.where(condition)):
-            rows[row.path] = row
-    return list(rows.values())
-
-
 def _plan(store: Store, roots: list[Path], found: list[FoundFile],
           scan_errors: list[ScanError], *, retry_failed: bool = False,
           keep_unchanged: bool = False) -> _Plan:
@@ -188,12 +150,12 @@ def _plan(store: Store, roots: list[Path], found: list[FoundFile],
     unlisted = [e.path for e in scan_errors if e.folder]
     with store.session() as s:
         rows = {
-            r.path: r for r in _rows_under(
+            r.path: r for r in rows_under(
                 s, select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
                           ImageRow.content_hash), ImageRow.path, root_strs)
             if _under(r.path, root_strs) and not _under(r.path, unlisted)
         }
-        failures = {f.path: f for f in _rows_under(s, select(FailureRow), FailureRow.path,
+        failures = {f.path: f for f in rows_under(s, select(FailureRow), FailureRow.path,
                                                    root_strs, scalars=True)
                     if _under(f.path, root_strs) and not _under(f.path, unlisted)}
     to_embed, changed_ids, scan_failures = [], {}, []

@@ -28,6 +28,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    or_,
     select,
     text,
     update,
@@ -119,6 +120,55 @@ class StoredFailure:
     path: str
     reason: str
     failed_at: float
+
+
+ROOTS_PER_QUERY = 100  # SQLite parses `a OR b OR ...` into a tree at most 1000 deep
+
+
+def rows_under(session, query, column, roots: list[str], *, scalars: bool = False) -> list:
+    """The rows of `query` whose `column` (a FilePath) may lie under `roots`: at least every
+    row below or at a root (callers still check each path exactly), found through the path index on
+    SQLite rather than by reading every row of a large library for a watch batch's few files.
+
+    SQLite compares text bytewise, so "under ROOT/" is the range [ROOT/, ROOT0) ('0' follows
+    '/'). Other databases compare by collation, where that range is not exact; they use
+    substr(path, 1, len) = 'ROOT/' (exact, a scan in the database). Stored undecodable paths
+    (the FilePath marker) are always included.
+    """
+    run = session.scalars if scalars else session.execute
+    try:
+        for root in roots:
+            root.encode("utf-8")
+    except UnicodeEncodeError:  # an undecodable root: its rows are stored encoded
+        return list(run(query))
+    prefix_test = _near_for(session)
+
+    def near(prefix: str):
+        return prefix_test(column, prefix)
+
+    rows: dict[object, object] = {}
+    for start in range(0, len(roots), ROOTS_PER_QUERY):
+        chunk = roots[start:start + ROOTS_PER_QUERY]
+        for row in run(query.where(under_condition(column, chunk, near))):
+            rows[row.path] = row
+    return list(rows.values())
+
+
+def under_condition(column, roots: list[str], near):
+    """SQL for "`column` is one of `roots`, below one, or a stored undecodable path"."""
+    return or_(column.in_(roots), near(_UNDECODABLE),
+               *(near(r.rstrip(os.sep) + os.sep) for r in roots))
+
+
+def _near_for(session):
+    """A prefix test on a FilePath column: a range on SQLite (bytewise text), else substr."""
+    sqlite = session.get_bind().dialect.name == "sqlite"
+
+    def near(column, prefix: str):
+        if sqlite:
+            return (column >= prefix) & (column < prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        return func.substr(column, 1, len(prefix)) == prefix
+    return near
 
 
 class Base(DeclarativeBase):
@@ -329,8 +379,16 @@ class Store:
     # --- vectors ----------------------------------------------------------------------------
     def ids(self, kind: str) -> np.ndarray:
         table = ImageRow if kind == "image" else CaptionRow
-        with self.session() as s:
-            return np.fromiter(s.scalars(select(table.id)), dtype=np.int64)
+        # tuples straight from the driver's cursor: 0.36-0.48 s per million ids here against
+        # 0.66-0.85 through ORM scalars, and every watch batch's index catch-up asks for them
+        with self.engine.connect() as conn:
+            cursor = conn.connection.driver_connection.cursor()
+            try:
+                cursor.execute(f"SELECT id FROM {table.__tablename__}")
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def iter_vectors(self, kind: str, ids: Iterable[int] | None = None,
                      chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -462,6 +520,25 @@ class Store:
                                .where(ImageMetaRow.version >= version)) or 0
             images = s.scalar(select(func.count()).select_from(ImageRow)) or 0
         return current >= images
+
+    def image_ids_under(self, folders: list[str], limit: int) -> np.ndarray | None:
+        """Ids of the images that may lie below `folders` (a superset: callers still check
+        each path), through the path index; None when there are more than `limit` (a filter
+        that keeps that many is cheaper applied to the hits) or a folder's name is not UTF-8.
+        """
+        try:
+            for folder in folders:
+                folder.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        with self.session() as s:
+            near = _near_for(s)
+            ids = s.scalars(select(ImageRow.id).where(under_condition(
+                ImageRow.path, [f.rstrip(os.sep) or os.sep for f in folders],
+                lambda prefix: near(ImageRow.path, prefix))).limit(limit + 1)).all()
+        if len(ids) > limit:
+            return None
+        return np.unique(np.asarray(ids, dtype=np.int64))
 
     def images_needing_meta(self, version: int, paths: Iterable[str] | None = None
                             ) -> list[tuple[int, str, int]]:

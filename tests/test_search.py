@@ -136,6 +136,30 @@ def test_under_threshold_offset(library) -> None:
     assert all(h.score >= cut for h in kept) and 4 <= len(kept) < 50
 
 
+def test_under_a_small_folder_is_pushed_to_the_store_and_agrees(library,
+                                                                  monkeypatch) -> None:
+    # a folder of few images is looked up through the store's path index and restricts the
+    # search up front; a big one filters the hits. Both give the same answer; a prefix of a
+    # folder's name ("su") is not that folder.
+    import retrieval.search as search_module
+
+    searcher, _, root = library
+    sub = root / "photos" / "sub"
+    ids = searcher.library.store.image_ids_under([str(sub)], 1000)
+    assert ids is not None and len(ids) == 32
+    assert searcher.library.store.image_ids_under([str(sub)], 31) is None  # too many
+    assert len(searcher.library.store.image_ids_under([str(root / "photos" / "su")], 99)) == 0
+    answers = {}
+    for name, cap in (("pushed down", 1000), ("on the hits", 0)):
+        monkeypatch.setattr(search_module, "UNDER_IDS_MAX", cap)
+        answers[name] = (
+            [(h.id, round(h.score, 5)) for h in searcher.search("a square", under=str(sub),
+                                                                  k=40).hits],
+            [h.id for h in searcher.search(under=str(sub), sort="-date", k=40).hits])
+    assert answers["pushed down"] == answers["on the hits"]
+    assert len(answers["pushed down"][0]) == 32 and len(answers["pushed down"][1]) == 32
+
+
 def test_dedup_collapses_copies(tmp_path: Path) -> None:
     photos = tmp_path / "p"
     photos.mkdir()
