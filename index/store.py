@@ -379,16 +379,22 @@ class Store:
     # --- vectors ----------------------------------------------------------------------------
     def ids(self, kind: str) -> np.ndarray:
         table = ImageRow if kind == "image" else CaptionRow
-        # tuples straight from the driver's cursor: 0.36-0.48 s per million ids here against
-        # 0.66-0.85 through ORM scalars, and every watch batch's index catch-up asks for them
+        # every watch batch's index catch-up asks for all of them
+        rows = self._driver_rows(select(table.id))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def _driver_rows(self, statement) -> list[tuple]:
+        """A parameterless SELECT's rows as the driver's own tuples: for whole-library reads
+        (1M ids in 0.36-0.48 s here, 0.66-0.85 s as ORM scalars). Only for columns of plain
+        types: no TypeDecorator (FilePath) runs on these values."""
+        sql = str(statement.compile(dialect=self.engine.dialect))
         with self.engine.connect() as conn:
             cursor = conn.connection.driver_connection.cursor()
             try:
-                cursor.execute(f"SELECT id FROM {table.__tablename__}")
-                rows = cursor.fetchall()
+                cursor.execute(sql)
+                return cursor.fetchall()
             finally:
                 cursor.close()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def iter_vectors(self, kind: str, ids: Iterable[int] | None = None,
                      chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -570,12 +576,11 @@ class Store:
         statement = (select(ImageRow.id, *[getattr(ImageMetaRow, n) for n in names])
                      .outerjoin(ImageMetaRow, ImageMetaRow.image_id == ImageRow.id)
                      .order_by(ImageRow.id))
-        with self.session() as s:
-            for row in s.execute(statement.execution_options(yield_per=50_000)):
-                columns["ids"].append(row[0])
-                for name, value in zip(names, row[1:]):
-                    columns[name].append(value)
-        return MetaColumns(**columns)
+        rows = self._driver_rows(statement)  # a million rows: ~2x faster than ORM rows
+        if not rows:
+            return MetaColumns(**columns)
+        return MetaColumns(**{name: list(values)
+                              for name, values in zip(["ids", *names], zip(*rows))})
 
     def image_meta(self, ids: Iterable[int]) -> dict[int, dict]:
         """id -> the image's metadata (META_FIELDS, width, height, bytes) for the ids given."""
