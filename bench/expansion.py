@@ -45,20 +45,20 @@ from index import Library  # noqa: E402
 from index.clip import TINY_DIR  # noqa: E402
 from index.synthetic.scenes import caption_for, generate, write_scenes  # noqa: E402
 from retrieval.expansion import (  # noqa: E402
-    DEFAULT_METHOD,
-    DEFAULT_SAMPLES,
-    DEFAULT_WEIGHTS,
-    RRF_DEPTH,
-    RRF_K,
     ContrastiveMap,
-    Expansion,
     MeanShift,
     Pairs,
     RidgeMap,
     SavedExpanders,
     interpolate,
-    rrf_weights,
     training_pairs,
+)
+from retrieval.expansion.fusion import RRF_DEPTH, RRF_K, rrf_weights  # noqa: E402
+from retrieval.expansion.options import (  # noqa: E402
+    DEFAULT_METHOD,
+    DEFAULT_SAMPLES,
+    DEFAULT_WEIGHTS,
+    Expansion,
 )
 
 WEIGHTS = tuple(round(w, 2) for w in np.arange(0.1, 1.01, 0.1))
