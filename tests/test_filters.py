@@ -369,6 +369,8 @@ def _downgrade_to_schema_1(db: Path) -> None:
         connection.execute("DROP TABLE image_tags")
         connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         connection.execute("DELETE FROM meta WHERE key = 'generation.meta'")
+        # schema 1 also indexed the path twice (today's writers drop the second)
+        connection.execute("CREATE INDEX ix_images_path_prefix ON images (path)")
     with sqlite3.connect(db) as connection:
         names = {r[0] for r in connection.execute("SELECT name FROM sqlite_master")}
     assert names == SCHEMA_1  # exactly what schema 1 had, nothing of schema 2 left

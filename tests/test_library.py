@@ -284,3 +284,30 @@ def test_a_saved_lossy_index_is_rescored_after_reopening(near_copies, tmp_path: 
         _assert_scores_are_exact(searcher, near_copies[1], reopened.size)
     finally:
         searcher.close()
+
+
+def test_a_writer_drops_the_redundant_path_index_and_a_reader_leaves_it(
+        photos: Path, tmp_path: Path) -> None:
+    # libraries written before 2026-12-02 indexed `images.path` twice (its UNIQUE constraint
+    # and ix_images_path_prefix); a writer's open drops the second, a reader writes nothing
+    home = tmp_path / "home"
+    with Library.open(home) as library:
+        library.index([photos], model="tiny")
+    db = home / "library.db"
+
+    def indexes() -> set[str]:
+        with closing(sqlite3.connect(db)) as conn:
+            return {name for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'images'")}
+
+    assert "ix_images_path_prefix" not in indexes()
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE INDEX ix_images_path_prefix ON images (path)")  # as before
+    with Library.open(home, create=False) as reader:
+        assert reader.store.count("image") == COUNT
+    assert "ix_images_path_prefix" in indexes()
+    with Library.open(home) as writer:
+        report = writer.index([photos])
+        assert (report.unchanged, report.new) == (COUNT, 0)
+    assert "ix_images_path_prefix" not in indexes()
+    assert any(name.startswith("sqlite_autoindex_images") for name in indexes())  # UNIQUE
