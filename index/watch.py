@@ -17,6 +17,7 @@ or `index` completes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -131,12 +132,16 @@ def watch(library, paths: Iterable[str | os.PathLike], *, model: str | None = No
         report = library.index(folders, model=model, **index_options)
         if on_batch:
             on_batch(WatchBatch(tuple(folders), report, 0, startup=True))
+    # on the way out, write what the batches held in memory (a kill -9 loses nothing: the
+    # store holds every vector and the next open catches the file up)
     try:
         _follow(library, folders, itertools.chain([first], events), model=model,
                 on_batch=on_batch, stop=stop, **index_options)
-    finally:
-        library.save_indexes()  # what the batches held in memory (a kill -9 loses nothing:
-        #                         the store holds every vector and the next open catches up)
+    except BaseException:
+        with contextlib.suppress(Exception):  # never hide why the watch stopped
+            library.save_indexes()
+        raise
+    library.save_indexes()
 
 
 def _follow(library, folders: list[str], events, *, model, on_batch, stop,
