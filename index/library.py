@@ -292,16 +292,18 @@ class Library:
             self._held[kind] = vi
         return vi
 
+    def _newer_than_file(self, vi: VectorIndex) -> bool:
+        return VectorIndex.newest_file(self.settings.index_dir, vi.kind)[1] < vi.generation
+
     def _save(self, vi: VectorIndex) -> bool:
-        if VectorIndex.newest_file(self.settings.index_dir, vi.kind)[1] >= vi.generation:
+        if not self._newer_than_file(vi):
             return False  # that generation is on disk already
         vi.save()
         return True
 
     def unsaved_indexes(self) -> list[str]:
         """The kinds whose held index (`index(save_index=False)`) is newer than its file."""
-        return [kind for kind, vi in self._held.items()
-                if VectorIndex.newest_file(self.settings.index_dir, kind)[1] < vi.generation]
+        return [kind for kind, vi in self._held.items() if self._newer_than_file(vi)]
 
     def save_indexes(self) -> list[str]:
         """Write every held index newer than its file (see `index`); returns their kinds."""

@@ -125,49 +125,45 @@ ROOTS_PER_QUERY = 100  # SQLite parses `a OR b OR ...` into a tree at most 1000 
 
 
 def rows_under(session, query, column, roots: list[str], *, scalars: bool = False) -> list:
-    """The rows of `query` whose `column` (a FilePath) may lie under `roots`: at least every
-    row below or at a root (callers still check each path exactly), found through the path index on
-    SQLite rather than by reading every row of a large library for a watch batch's few files.
-
-    SQLite compares text bytewise, so "under ROOT/" is the range [ROOT/, ROOT0) ('0' follows
-    '/'). Other databases compare by collation, where that range is not exact; they use
-    substr(path, 1, len) = 'ROOT/' (exact, a scan in the database). Stored undecodable paths
-    (the FilePath marker) are always included.
-    """
+    """The rows of `query` whose `column` (a FilePath) may lie at or under `roots` (a
+    superset: callers still check each path exactly), found through the path index on SQLite
+    rather than by reading every row of a large library for a watch batch's few files."""
     run = session.scalars if scalars else session.execute
-    try:
-        for root in roots:
-            root.encode("utf-8")
-    except UnicodeEncodeError:  # an undecodable root: its rows are stored encoded
+    if not _all_utf8(roots):  # an undecodable root: its rows are stored encoded
         return list(run(query))
-    prefix_test = _near_for(session)
-
-    def near(prefix: str):
-        return prefix_test(column, prefix)
-
     rows: dict[object, object] = {}
     for start in range(0, len(roots), ROOTS_PER_QUERY):
-        chunk = roots[start:start + ROOTS_PER_QUERY]
-        for row in run(query.where(under_condition(column, chunk, near))):
+        for row in run(query.where(
+                under_condition(session, column, roots[start:start + ROOTS_PER_QUERY]))):
             rows[row.path] = row
     return list(rows.values())
 
 
-def under_condition(column, roots: list[str], near):
-    """SQL for "`column` is one of `roots`, below one, or a stored undecodable path"."""
-    return or_(column.in_(roots), near(_UNDECODABLE),
-               *(near(r.rstrip(os.sep) + os.sep) for r in roots))
+def under_condition(session, column, roots: list[str]):
+    """SQL for "`column` is one of `roots`, below one, or a stored undecodable path".
 
-
-def _near_for(session):
-    """A prefix test on a FilePath column: a range on SQLite (bytewise text), else substr."""
+    SQLite compares text bytewise, so "below ROOT" is the range [ROOT/, ROOT0) ('0' follows
+    '/') on the path index. Other databases compare by collation, where that range is not
+    exact; they use substr(path, 1, len) = 'ROOT/' (exact, a scan in the database).
+    """
     sqlite = session.get_bind().dialect.name == "sqlite"
 
-    def near(column, prefix: str):
+    def below(prefix: str):
         if sqlite:
             return (column >= prefix) & (column < prefix[:-1] + chr(ord(prefix[-1]) + 1))
         return func.substr(column, 1, len(prefix)) == prefix
-    return near
+
+    return or_(column.in_(roots), below(_UNDECODABLE),
+               *(below(r.rstrip(os.sep) + os.sep) for r in roots))
+
+
+def _all_utf8(names: Iterable[str]) -> bool:
+    try:
+        for name in names:
+            name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Base(DeclarativeBase):
@@ -538,16 +534,12 @@ class Store:
         each path), through the path index; None when there are more than `limit` (a filter
         that keeps that many is cheaper applied to the hits) or a folder's name is not UTF-8.
         """
-        try:
-            for folder in folders:
-                folder.encode("utf-8")
-        except UnicodeEncodeError:
+        if not _all_utf8(folders):
             return None
         with self.session() as s:
-            near = _near_for(s)
             ids = s.scalars(select(ImageRow.id).where(under_condition(
-                ImageRow.path, [f.rstrip(os.sep) or os.sep for f in folders],
-                lambda prefix: near(ImageRow.path, prefix))).limit(limit + 1)).all()
+                s, ImageRow.path, [f.rstrip(os.sep) or os.sep for f in folders]))
+                .limit(limit + 1)).all()
         if len(ids) > limit:
             return None
         return np.unique(np.asarray(ids, dtype=np.int64))

@@ -122,8 +122,8 @@ class VectorIndex:
             vi = cls.empty(kind, dim, directory, index_type_for(store.count(kind), dim))
         changed = vi.catch_up(store, progress=progress)
         if hold:
-            pass
-        elif save and (changed or path is None):
+            return vi
+        if save and (changed or path is None):
             vi.save()
         elif changed and vi.generation > generation:
             vi.save_quietly()  # e.g. after an interrupted `captions add`: catch up once only
