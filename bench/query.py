@@ -148,18 +148,20 @@ def _tiny_preprocess() -> str:
 def insert_rows(store, vectors: np.ndarray, labels: np.ndarray) -> None:
     from sqlalchemy import insert
 
-    from index.store import ImageRow
+    from index.store import ImageRow, ImageVectorRow, vector_blob
 
     stamp = time.time()
     for start in range(0, len(vectors), INSERT_CHUNK):
+        chunk = range(start, min(start + INSERT_CHUNK, len(vectors)))
         rows = [{"id": i + 1, "path": f"/bench/library/c{labels[i]:04d}/img_{i:07d}.jpg",
                  "size": 3_500_000, "mtime_ns": 1_700_000_000_000_000_000 + i,
                  "content_hash": f"{i:064x}",
-                 "width": 4000, "height": 3000, "vector": vectors[i].tobytes(),
-                 "added_at": stamp}
-                for i in range(start, min(start + INSERT_CHUNK, len(vectors)))]
+                 "width": 4000, "height": 3000, "added_at": stamp}
+                for i in chunk]
         with store.engine.begin() as conn:
             conn.execute(insert(ImageRow), rows)
+            conn.execute(insert(ImageVectorRow),
+                         [{"id": i + 1, "vector": vector_blob(vectors[i])} for i in chunk])
     with store.session() as s, s.begin():
         store.bump_generation(s, "image")
 

@@ -429,10 +429,13 @@ def add_captions(store: Store, embedder: Embedder, path: Path, *, fmt: str | Non
         chunk = items[start:start + EMBED_BATCH]
         vectors = embedder.encode_texts([c.text for _, (c, _, _) in chunk])
         with store.session() as s, s.begin():
-            for (key, (caption, image_id, ref)), vector in zip(chunk, vectors):
-                s.add(CaptionRow(text=caption.text, key=key, image_ref=ref, image_id=image_id,
-                                 source=os.path.abspath(path), vector=vector.tobytes()))
-                linked += image_id is not None
+            rows = [CaptionRow(text=caption.text, key=key, image_ref=ref, image_id=image_id,
+                               source=os.path.abspath(path))
+                    for key, (caption, image_id, ref) in chunk]
+            s.add_all(rows)
+            s.flush()  # the rows' ids, for their vectors
+            store.add_vectors(s, "caption", [r.id for r in rows], vectors)
+            linked += sum(image_id is not None for _, (_, image_id, _) in chunk)
             store.bump_generation(s, "caption")
         if progress:
             progress(min(start + EMBED_BATCH, len(items)), len(items))

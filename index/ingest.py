@@ -555,10 +555,11 @@ def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts
             s.execute(insert(ImageRow), [
                 {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
                  "content_hash": d.content_hash, "width": d.width, "height": d.height,
-                 "vector": v.tobytes(), "added_at": stamp}
-                for f, d, v in zip(batch.files, batch.decoded, vectors)])
+                 "added_at": stamp}
+                for f, d in zip(batch.files, batch.decoded)])
             new_ids = dict(s.execute(select(ImageRow.path, ImageRow.id).where(
                 ImageRow.path.in_([f.path for f in batch.files]))).all())
+            store.add_vectors(s, "image", [new_ids[f.path] for f in batch.files], vectors)
             store.write_meta(s, [(new_ids[f.path], m.row())
                                  for f, m in zip(batch.files, metas)])
             for m in metas:

@@ -24,6 +24,12 @@ KINDS = ("image", "caption")
 Failure = StoredFailure  # what `failures()` lists: path, reason, failed_at
 
 
+def _notice_on_stderr(message: str) -> None:
+    import sys
+
+    print(f"clipdex: {message}", file=sys.stderr, flush=True)
+
+
 class Library:
     """A clipdex library: the write path (index, captions) plus stats.
 
@@ -32,8 +38,10 @@ class Library:
         db: an SQLAlchemy URL for the metadata store (default: SQLite inside `home`).
     """
 
-    def __init__(self, settings: Settings, *, create: bool = True) -> None:
-        """Open the library `settings` name. Writers (`create`) make it when missing; readers
+    def __init__(self, settings: Settings, *, create: bool = True,
+                 notice: Callable[[str], None] | None = None) -> None:
+        """Open the library `settings` name. Writers (`create`) make it when missing and
+        migrate an older one in place, telling `notice` (default: a line on stderr); readers
         write nothing, and a missing library is NoLibrary."""
         self.settings = settings
         if create:
@@ -41,16 +49,17 @@ class Library:
             remove_stale_temps(settings.home)  # e.g. a prior save killed before its rename
         elif settings.db_url is None and not (settings.home / "library.db").is_file():
             raise NoLibrary(f"no library at {settings.home}: run `clipdex index PATH` first")
-        self.store = Store(settings.database_url, create=create)
+        self.store = Store(settings.database_url, create=create,
+                           notice=notice or _notice_on_stderr)
         self._embedders: dict[tuple[str, str], Embedder] = {}
         self._held: dict[str, VectorIndex] = {}  # index(save_index=False): kept, not saved
 
     @classmethod
     def open(cls, home: str | os.PathLike | None = None, *, db: str | None = None,
-             create: bool = True) -> "Library":
+             create: bool = True, notice: Callable[[str], None] | None = None) -> "Library":
         """Open by home folder and/or database URL (each else CLIPDEX_HOME / CLIPDEX_DB, else
         the per-user data dir and SQLite inside it); `create=False` for reading only."""
-        return cls(Settings.resolve(home, db), create=create)
+        return cls(Settings.resolve(home, db), create=create, notice=notice)
 
     def close(self) -> None:
         self.store.close()

@@ -11,7 +11,7 @@ import os
 import time
 import urllib.parse
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,13 +46,16 @@ __all__ = [
     "MetaColumns",
     "Store",
     "StoredFailure",
+    "vector_blob",
     "vector_from_blob",
 ]
 
 # 1: images, captions, failures. 2: image_meta (photo metadata; made on a writer's open, its
 # rows filled by the next `clipdex index` without re-embedding anything). 3: image_tags
-# (zero-shot tags, written by `clipdex tag` and then at index time).
-SCHEMA_VERSION = 3
+# (zero-shot tags, written by `clipdex tag` and then at index time). 4: vectors move out of
+# the images and captions rows into image_vectors / caption_vectors (id -> float16), migrated
+# in place by a writer's open (see _migrate_vectors).
+SCHEMA_VERSION = 4
 KINDS = ("image", "caption")
 
 
@@ -190,7 +193,6 @@ class ImageRow(Base):
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
     width: Mapped[int]
     height: Mapped[int]
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
     added_at: Mapped[float]
 
 
@@ -205,7 +207,30 @@ class CaptionRow(Base):
     image_id: Mapped[int | None] = mapped_column(
         ForeignKey("images.id", ondelete="SET NULL"), index=True)
     source: Mapped[str] = mapped_column(FilePath)
+
+
+# Vectors live in tables of their own, id -> float16 (schema 4). In the image row, a 2 KB
+# float32 vector beside path and hash filled most of a 4 KB page (one row per page, 4.3 KB per
+# ViT-B-32 image); here a 1 KB row packs 15 to a 16 KB page (bench/scale.py measures the bytes
+# per image). float16 keeps cosine >= 0.99999 to the model's float32 output (measured in
+# bench/scale.py and tested); FAISS indexes are built from these stored vectors, so "exact"
+# means exact over what the store holds.
+class ImageVectorRow(Base):
+    __tablename__ = "image_vectors"
+    id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"),
+                                    primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class CaptionVectorRow(Base):
+    __tablename__ = "caption_vectors"
+    id: Mapped[int] = mapped_column(ForeignKey("captions.id", ondelete="CASCADE"),
+                                    primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+VECTOR_TABLES = {"image": ImageVectorRow, "caption": CaptionVectorRow}
+VECTOR_DTYPE = np.dtype("<f2")
 
 
 class ImageMetaRow(Base):
@@ -280,12 +305,39 @@ class FailureRow(Base):
 REDUNDANT_INDEXES = ("ix_images_path_prefix",)
 
 
+def vector_blob(vector: np.ndarray) -> bytes:
+    """How the store keeps a vector: little-endian float16."""
+    return np.asarray(vector, np.float32).astype(VECTOR_DTYPE).tobytes()
+
+
 def vector_from_blob(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype=np.float32)
+    """A stored vector as a float32 unit vector (what FAISS and the query side use)."""
+    return _vectors_from_blobs([blob])[0]
+
+
+def _vectors_from_blobs(blobs: list[bytes], dtype: np.dtype = VECTOR_DTYPE) -> np.ndarray:
+    """Many stored vectors (all the same length) as one float32 array, decoded at once.
+
+    float16 rounding moves a unit vector's norm by up to ~1e-5; each is scaled back to unit
+    length, so inner products stay cosines (an image scores 1.0 against itself)."""
+    joined = np.frombuffer(b"".join(blobs), dtype=dtype)
+    vectors = joined.reshape(len(blobs), -1).astype(np.float32)
+    if dtype == VECTOR_DTYPE:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors /= np.where(norms > 0, norms, 1.0)
+    return vectors
+
+
+# A new SQLite library's page size (an existing one keeps its own, unless a migration
+# compacts it): 1 KB float16 vector rows pack 15 to a page at 16 KB, 3 at 4 KB. 100k 512-d rows
+# cost 1,369 / 1,172 / 1,093 / 1,058 B each at 4 / 8 / 16 / 32 KB pages, and 200 random rows
+# read in 1.0 / 1.2 / 1.1 / 1.3 ms (warm; measured 2026-12-02).
+SQLITE_PAGE_SIZE = 16384
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # only an empty database heeds it
     cursor.execute("PRAGMA journal_mode=WAL")
     # WAL + NORMAL: a power cut may lose the last commits but never corrupts the database
     cursor.execute("PRAGMA synchronous=NORMAL")
@@ -297,13 +349,16 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 class Store:
     """One library's database: rows, vectors, failures, model fingerprint and generations."""
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
-        """Open the store at `url`; with `create` (writers) make its tables when missing.
+    def __init__(self, url: str, *, create: bool = True,
+                 notice: Callable[[str], None] | None = None) -> None:
+        """Open the store at `url`; with `create` (writers) make its tables when missing and
+        migrate an older library in place (`notice` hears about long steps).
 
         Readers (`create=False`) write nothing: a missing library is NoLibrary. A URL that
         cannot be used (malformed, driver missing, server unreachable) is LibraryUnavailable.
         """
         self.url = url
+        self._apart: set[str] = set()  # kinds whose vectors are known to be in their tables
         self.engine: Engine = _engine(url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -316,6 +371,7 @@ class Store:
                 with self.engine.begin() as conn:
                     for name in REDUNDANT_INDEXES:
                         conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+                _migrate_vectors(self.engine, notice)
             elif not inspect(self.engine).has_table(MetaRow.__tablename__):
                 self.engine.dispose()
                 raise NoLibrary(f"no library in {_redacted(url)}")
@@ -398,23 +454,68 @@ class Store:
             finally:
                 cursor.close()
 
+    def _vector_source(self, kind: str):
+        """(a table with id and vector columns, its stored dtype) for `kind`.
+
+        A reader of a library written before schema 4 that no writer has migrated yet reads
+        the float32 `vector` column of the rows; once a writer has moved them (perhaps while
+        this reader was open), the float16 vector tables.
+        """
+        if kind not in self._apart:
+            name = "images" if kind == "image" else "captions"
+            with self.engine.connect() as conn:
+                legacy = "vector" in {c["name"] for c in inspect(conn).get_columns(name)}
+            if legacy:
+                from sqlalchemy import column, table
+
+                return table(name, column("id"), column("vector")), np.dtype("<f4")
+            self._apart.add(kind)
+        return VECTOR_TABLES[kind].__table__, VECTOR_DTYPE
+
     def iter_vectors(self, kind: str, ids: Iterable[int] | None = None,
                      chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (ids, vectors) chunks, for all rows or the given ids."""
-        table = ImageRow if kind == "image" else CaptionRow
+        """Yield (ids, float32 vectors) chunks, for all rows (in id order) or the given ids."""
+        source, dtype = self._vector_source(kind)
         with self.session() as s:
             if ids is None:
-                rows = s.execute(select(table.id, table.vector).order_by(table.id)
+                rows = s.execute(select(source.c.id, source.c.vector).order_by(source.c.id)
                                  .execution_options(yield_per=chunk))
                 for part in rows.partitions(chunk):
-                    yield _stack(part)
+                    yield _stack(part, dtype)
                 return
             wanted = [int(i) for i in ids]
+            if dtype == VECTOR_DTYPE:  # re-ranking asks for a few hundred on every query
+                for start in range(0, len(wanted), 900):
+                    part = self._vector_rows(kind, wanted[start:start + 900])
+                    if part:
+                        yield _stack(part, dtype)
+                return
             for start in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
-                part = s.execute(select(table.id, table.vector)
-                                 .where(table.id.in_(wanted[start:start + 900]))).all()
+                part = s.execute(select(source.c.id, source.c.vector)
+                                 .where(source.c.id.in_(wanted[start:start + 900]))).all()
                 if part:
-                    yield _stack(part)
+                    yield _stack(part, dtype)
+
+    def _vector_rows(self, kind: str, ids: list[int]) -> list[tuple]:
+        """(id, blob) rows of these ids through the driver's own cursor: 200 random rows in
+        ~1.0 ms here, 2.4-2.8 ms through SQLAlchemy (bench/scale.py re-ranks with them).
+        The ids are ints, written into the SQL as literals."""
+        table = VECTOR_TABLES[kind].__tablename__
+        sql = f"SELECT id, vector FROM {table} WHERE id IN ({','.join(map(str, map(int, ids)))})"
+        with self.engine.connect() as conn:
+            cursor = conn.connection.driver_connection.cursor()
+            try:
+                cursor.execute(sql)
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+
+    def add_vectors(self, session: Session, kind: str, ids: Iterable[int],
+                    vectors: np.ndarray) -> None:
+        """Store the vectors of rows just inserted (same transaction), as float16."""
+        rows = [{"id": int(i), "vector": vector_blob(v)} for i, v in zip(ids, vectors)]
+        if rows:
+            session.execute(insert(VECTOR_TABLES[kind]), rows)
 
     def vectors_for(self, kind: str, ids: Iterable[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
@@ -476,19 +577,25 @@ class Store:
 
     def caption_pairs(self) -> CaptionPairs:
         """Every caption linked to an indexed image, with both vectors, in caption id order."""
-        statement = (select(CaptionRow.id, CaptionRow.image_id, CaptionRow.vector,
-                            ImageRow.vector.label("image_vector"))
-                     .join(ImageRow, ImageRow.id == CaptionRow.image_id)
+        text_source, dtype = self._vector_source("caption")
+        image_source, _ = self._vector_source("image")
+        # aliased: before schema 4 the sources are the captions and images tables themselves
+        text_source = text_source.alias("caption_vector_")
+        image_vectors = image_source.alias("image_vector_")
+        statement = (select(CaptionRow.id, CaptionRow.image_id, text_source.c.vector,
+                            image_vectors.c.vector.label("image_vector"))
+                     .join(text_source, text_source.c.id == CaptionRow.id)
+                     .join(image_vectors, image_vectors.c.id == CaptionRow.image_id)
                      .order_by(CaptionRow.id))
         with self.session() as s:
             rows = s.execute(statement).all()
         if not rows:
             empty = np.empty((0, 0), np.float32)
             return CaptionPairs(np.empty(0, np.int64), np.empty(0, np.int64), empty, empty)
-        return CaptionPairs(np.array([r.id for r in rows], np.int64),
-                            np.array([r.image_id for r in rows], np.int64),
-                            np.stack([vector_from_blob(r.vector) for r in rows]),
-                            np.stack([vector_from_blob(r.image_vector) for r in rows]))
+        return CaptionPairs(np.array([r[0] for r in rows], np.int64),
+                            np.array([r[1] for r in rows], np.int64),
+                            _vectors_from_blobs([r[2] for r in rows], dtype),
+                            _vectors_from_blobs([r[3] for r in rows], dtype))
 
     def failures(self) -> list[StoredFailure]:
         with self.session() as s:
@@ -792,6 +899,66 @@ def _redacted(url: str) -> str:
         return repr(url)
 
 
+MIGRATE_CHUNK = 8192
+
+
+def _migrate_vectors(engine: Engine, notice: Callable[[str], None] | None) -> None:
+    """Move a pre-schema-4 library's float32 `vector` columns into the float16 vector tables.
+
+    One transaction per kind (copy, then drop the column), so a crash leaves that kind either
+    as it was or migrated, and the next writer's open finishes the job. SQLite then compacts
+    the file (VACUUM, at the new page size) to give the space back; a compaction that cannot
+    run (no disk space for the copy, another process reading) is skipped with a notice and
+    loses nothing.
+    """
+    columns = inspect(engine)
+    legacy = [(kind, name) for kind, name in (("image", "images"), ("caption", "captions"))
+              if "vector" in {c["name"] for c in columns.get_columns(name)}]
+    if not legacy:
+        return
+    vector = {"image": ImageVectorRow, "caption": CaptionVectorRow}
+    for kind, name in legacy:
+        with engine.begin() as conn:
+            total = conn.execute(text(f"SELECT count(*) FROM {name}")).scalar() or 0
+            if notice:
+                notice(f"moving {total} {kind} vectors to float16 (schema 4; once)")
+            conn.execute(delete(vector[kind]))  # an earlier attempt rolled back; be sure
+            last = -1
+            while True:
+                rows = conn.execute(text(f"SELECT id, vector FROM {name} WHERE id > :last "
+                                         f"ORDER BY id LIMIT {MIGRATE_CHUNK}"),
+                                    {"last": last}).all()
+                if not rows:
+                    break
+                vectors = _vectors_from_blobs([r[1] for r in rows], np.dtype("<f4"))
+                conn.execute(insert(vector[kind]), [
+                    {"id": r[0], "vector": vector_blob(v)} for r, v in zip(rows, vectors)])
+                last = rows[-1][0]
+            conn.execute(text(f"ALTER TABLE {name} DROP COLUMN vector"))
+    if engine.dialect.name == "sqlite":
+        _compact_sqlite(engine, notice)
+
+
+def _compact_sqlite(engine: Engine, notice: Callable[[str], None] | None) -> None:
+    """VACUUM at SQLITE_PAGE_SIZE (a page size changes only outside WAL mode)."""
+    if notice:
+        notice("compacting the store")
+    engine.dispose()  # WAL mode is left only by the database's one open connection
+    with engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        try:
+            mode = raw.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+            if mode.lower() == "delete":
+                raw.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
+            raw.execute("VACUUM")
+        except Exception as exc:  # sqlite3.OperationalError: full disk, busy, locked
+            if notice:
+                notice(f"the store was not compacted ({exc}); it works as it is, and its "
+                       f"free pages are reused")
+        finally:
+            raw.execute("PRAGMA journal_mode=WAL")
+
+
 def _widen_postgres_columns(engine: Engine) -> None:
     """Libraries made before 64-bit size/mtime columns had 32-bit ones on PostgreSQL."""
     columns = inspect(engine)
@@ -809,10 +976,9 @@ def failure_reason(reason: str) -> str:
     return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
 
 
-def _stack(rows) -> tuple[np.ndarray, np.ndarray]:
+def _stack(rows, dtype: np.dtype = VECTOR_DTYPE) -> tuple[np.ndarray, np.ndarray]:
     ids = np.array([r[0] for r in rows], dtype=np.int64)
-    vectors = np.stack([vector_from_blob(r[1]) for r in rows])
-    return ids, vectors
+    return ids, _vectors_from_blobs([r[1] for r in rows], dtype)
 
 
 def check_model(recorded: str, requested: str) -> None:

@@ -8,6 +8,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -124,9 +125,13 @@ def first_run(tmp_path_factory: pytest.TempPathFactory):
     return root, home, result, report
 
 
-def stored_images(home: Path) -> dict[str, ImageRow]:
+def stored_images(home: Path) -> dict:
+    """path -> the image's row, its stored vector as `vector` (float32)."""
     with Library.open(home) as library, library.store.session() as s:
-        return {r.path: r for r in s.scalars(select(ImageRow))}
+        rows = {r.path: r for r in s.scalars(select(ImageRow))}
+        vectors = library.store.vectors_for("image", [r.id for r in rows.values()])
+    return {path: SimpleNamespace(**{c: getattr(r, c) for c in ("id", "width", "height")},
+                                  vector=vectors[r.id]) for path, r in rows.items()}
 
 
 def test_every_bad_file_is_reported_with_its_reason(first_run) -> None:
@@ -147,7 +152,7 @@ def test_every_good_file_is_indexed(first_run) -> None:
     assert str(root / UNICODE) in stored and str(root / SPACED) in stored
     with Library.open(home) as library:
         dim = library.store.model_fingerprint()[1]
-    assert all(len(row.vector) == 4 * dim for row in stored.values())
+    assert all(row.vector.shape == (dim,) for row in stored.values())
     assert stored[str(root / "gray16.png")].width == 64
 
 
@@ -159,8 +164,7 @@ def test_exif_rotation_is_applied(first_run) -> None:
     assert (upright.width, upright.height) == (48, 64)
     decoded = np.asarray(decode_file(str(root / "exif6.jpg"), min_side=128).image)
     np.testing.assert_array_equal(decoded, np.asarray(Image.open(root / "exif6_upright.png")))
-    a = np.frombuffer(rotated.vector, np.float32)
-    b = np.frombuffer(upright.vector, np.float32)
+    a, b = rotated.vector, upright.vector
     assert float(a @ b) / float(np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from index import Library, faults
 from index.ingest import BATCH_SIZE
-from index.store import ImageRow
+from index.store import ImageRow, ImageVectorRow, vector_from_blob
 from index.synthetic.scenes import generate, render, write_scenes
 from retrieval import Searcher
 
@@ -66,7 +66,8 @@ def top_hits(home: Path) -> list[list[tuple[int, str]]]:
 
 def image_rows(home: Path) -> list:
     with Library.open(home) as library, library.store.session() as s:
-        return s.execute(select(ImageRow.id, ImageRow.path, ImageRow.vector)).all()
+        return s.execute(select(ImageRow.id, ImageRow.path, ImageVectorRow.vector)
+                         .join(ImageVectorRow, ImageVectorRow.id == ImageRow.id)).all()
 
 
 def assert_consistent(home: Path) -> None:
@@ -76,14 +77,14 @@ def assert_consistent(home: Path) -> None:
         generations = {k: library.store.generation(k) for k in ("image", "caption")}
     rows = image_rows(home)
     assert len({r.path for r in rows}) == len(rows)
-    assert all(len(r.vector) == 4 * dim for r in rows)
+    assert all(len(r.vector) == 2 * dim for r in rows)  # float16
     files = sorted(p.name for p in (home / "vectors").iterdir())  # stale temps are gone
     assert files == [f"caption-{generations['caption']}.faiss",
                      f"image-{generations['image']}.faiss"]
     saved = faiss.read_index(str(home / "vectors" / f"image-{generations['image']}.faiss"))
     assert sorted(faiss.vector_to_array(saved.id_map).tolist()) == sorted(r.id for r in rows)
     for r in rows:
-        np.testing.assert_array_equal(saved.reconstruct(r.id), np.frombuffer(r.vector, np.float32))
+        np.testing.assert_array_equal(saved.reconstruct(r.id), vector_from_blob(r.vector))
 
 
 @pytest.fixture(scope="module")

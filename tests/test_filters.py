@@ -19,6 +19,7 @@ import cli
 import retrieval.search as search_module
 from index import Library
 from index.errors import UsageProblem
+from index.store import SCHEMA_VERSION
 from index.synthetic.scenes import SCENE_CITIES, scene_meta, write_scenes
 from retrieval import Searcher
 from retrieval.filters import Filters, parse_near, parse_when
@@ -365,6 +366,7 @@ SCHEMA_1 = {
 
 def _downgrade_to_schema_1(db: Path) -> None:
     with sqlite3.connect(db) as connection:
+        _vectors_back_in_rows(connection)
         connection.execute("DROP TABLE image_meta")
         connection.execute("DROP TABLE image_tags")
         connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
@@ -374,6 +376,18 @@ def _downgrade_to_schema_1(db: Path) -> None:
     with sqlite3.connect(db) as connection:
         names = {r[0] for r in connection.execute("SELECT name FROM sqlite_master")}
     assert names == SCHEMA_1  # exactly what schema 1 had, nothing of schema 2 left
+
+
+def _vectors_back_in_rows(connection: sqlite3.Connection) -> None:
+    """Schema 1-3 kept each float32 vector in its image or caption row."""
+    for table in ("images", "captions"):
+        singular = table[:-1]
+        connection.execute(f"ALTER TABLE {table} ADD COLUMN vector BLOB")
+        rows = connection.execute(f"SELECT id, vector FROM {singular}_vectors").fetchall()
+        connection.executemany(
+            f"UPDATE {table} SET vector = ? WHERE id = ?",
+            [(np.frombuffer(blob, "<f2").astype(np.float32).tobytes(), i) for i, blob in rows])
+        connection.execute(f"DROP TABLE {singular}_vectors")
 
 
 def test_a_schema_1_library_gains_metadata_without_re_embedding(tmp_path: Path) -> None:
@@ -395,7 +409,7 @@ def test_a_schema_1_library_gains_metadata_without_re_embedding(tmp_path: Path) 
         report = lib.index([photos])
         after = {i: v.tobytes() for ids, vs in lib.store.iter_vectors("image")
                  for i, v in zip(ids.tolist(), vs)}
-        assert lib.store.get_meta("schema_version") == "3"
+        assert lib.store.get_meta("schema_version") == str(SCHEMA_VERSION)
     assert (report.new, report.changed, report.unchanged) == (0, 0, 12)
     assert report.metadata["updated_without_embedding"] == 12
     assert after == before  # same ids, same vectors: nothing was embedded again

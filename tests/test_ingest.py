@@ -22,7 +22,7 @@ import cli
 from index import Library, ModelMismatch
 from index.captions import parse_caption_file
 from index.errors import CaptionFileError
-from index.store import CaptionRow, ImageRow
+from index.store import CaptionRow, ImageRow, ImageVectorRow, vector_from_blob
 from index.synthetic.scenes import generate, render, write_scenes
 
 MODEL = TEST_MODEL  # the `test` embedder: these tests look at storage, not meaning
@@ -48,7 +48,8 @@ def rows(home: Path) -> dict[str, tuple[int, bytes]]:
     """path -> (id, vector bytes) for every image row in the store."""
     with Library.open(home) as library, library.store.session() as s:
         return {r.path: (r.id, r.vector) for r in s.execute(
-            select(ImageRow.path, ImageRow.id, ImageRow.vector))}
+            select(ImageRow.path, ImageRow.id, ImageVectorRow.vector)
+            .join(ImageVectorRow, ImageVectorRow.id == ImageRow.id))}
 
 
 def saved_index(home: Path, kind: str = "image") -> faiss.Index:
@@ -68,7 +69,7 @@ def assert_index_matches_store(home: Path) -> None:
     assert saved.ntotal == len(stored)
     assert index_ids(saved) == sorted(i for i, _ in stored.values())
     for row_id, blob in stored.values():
-        np.testing.assert_array_equal(saved.reconstruct(row_id), np.frombuffer(blob, np.float32))
+        np.testing.assert_array_equal(saved.reconstruct(row_id), vector_from_blob(blob))
     with Library.open(home) as library:
         live = library.vector_index("image")
         assert index_ids(live.index) == sorted(i for i, _ in stored.values())

@@ -90,3 +90,48 @@ def test_indexing_one_folder_or_file_finds_exactly_its_rows(tmp_path: Path, stor
     report = json.loads(run(home, db, "index", str(tmp_path / "photos"), "--json").stdout)
     assert (report["removed"], report["unchanged"]) == (2, 2)
     assert json.loads(run(home, db, "stats", "--json").stdout)["images"] == 8
+
+
+def test_a_schema_3_postgres_library_is_migrated_in_place(tmp_path: Path,
+                                                         postgres_db: str) -> None:
+    # a schema-3 layout made from today's (float32 vectors back in the rows, no vector
+    # tables); the SQLite migration is tested on a file written by the schema-3 code itself
+    import numpy as np
+    from sqlalchemy import create_engine, text
+
+    from index import Library
+
+    root, home = tmp_path / "photos", tmp_path / "home"
+    write_scenes(root, 6, seed=4, size=48)
+    assert run(home, postgres_db, "index", str(root), "--model", MODEL).exit_code == 0
+    assert run(home, postgres_db, "captions", "add", str(root / "captions.jsonl")).exit_code == 0
+    engine = create_engine(postgres_db)
+    with engine.begin() as conn:
+        before = {t: dict(conn.execute(text(f"SELECT id, vector FROM {t[:-1]}_vectors")).all())
+                  for t in ("images", "captions")}
+        for table, rows in before.items():
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN vector bytea"))
+            for i, blob in rows.items():
+                conn.execute(text(f"UPDATE {table} SET vector = :v WHERE id = :i"),
+                             {"v": np.frombuffer(blob, "<f2").astype(np.float32).tobytes(),
+                              "i": i})
+            conn.execute(text(f"DROP TABLE {table[:-1]}_vectors"))
+        conn.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    hits = run(home, postgres_db, "search", "a red circle", "--json")  # a reader: old layout
+    assert hits.exit_code == 0 and len(json.loads(hits.stdout)["hits"]) == 6, hits.output
+    notices: list[str] = []
+    with Library.open(home, db=postgres_db, notice=notices.append) as lib:
+        assert lib.store.get_meta("schema_version") == "4"
+        assert any("moving 6 image vectors" in n for n in notices), notices
+    with engine.begin() as conn:
+        after = {t: dict(conn.execute(text(f"SELECT id, vector FROM {t[:-1]}_vectors")).all())
+                 for t in ("images", "captions")}
+        columns = {r[0] for r in conn.execute(text(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'images'"))}
+    engine.dispose()
+    assert {t: {i: bytes(b) for i, b in rows.items()} for t, rows in after.items()} == \
+        {t: {i: bytes(b) for i, b in rows.items()} for t, rows in before.items()}
+    assert "vector" not in columns
+    again = run(home, postgres_db, "search", "a red circle", "--json")
+    assert [h["path"] for h in json.loads(again.stdout)["hits"]] == \
+        [h["path"] for h in json.loads(hits.stdout)["hits"]]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from clipdex_test_embedder import DIM as TEST_DIM
 from clipdex_test_embedder import NAME as TEST_MODEL
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, select
 
 from index import vectors
 from index.store import ImageRow, Store
@@ -36,11 +36,13 @@ def _clustered(n: int, seed: int) -> np.ndarray:
 
 def _add(store: Store, vecs: np.ndarray, first: int) -> None:
     rows = [{"path": f"/p/{first + i}.jpg", "size": 1, "mtime_ns": 1,
-             "content_hash": f"{first + i:x}", "width": 1, "height": 1, "vector": v.tobytes(),
+             "content_hash": f"{first + i:x}", "width": 1, "height": 1,
              "added_at": time.time()}
             for i, v in enumerate(vecs)]
     with store.session() as s, s.begin():
         s.execute(insert(ImageRow), rows)
+        ids = dict(s.execute(select(ImageRow.path, ImageRow.id)).all())
+        store.add_vectors(s, "image", [ids[r["path"]] for r in rows], vecs)
         store.bump_generation(s, "image")
 
 
@@ -119,3 +121,4 @@ def test_index_run_that_crosses_the_threshold_rebuilds_with_progress(tmp_path, m
         events.clear()
         lib.index([tmp_path / "photos"], model=TEST_MODEL, progress=events.append)  # nothing new
         assert not [e for e in events if e.phase == "index"]  # no second rebuild
+
