@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import faiss
 
 __all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "describe_index", "flat_max_vectors",
-           "index_type_for"]
+           "index_type_for", "rerank_depth"]
 
 # Measured with bench/index_choice.py (512-d clustered unit vectors, 2 threads, 2026-11-27;
 # bench/results/index_choice.json), p50 of one query:
@@ -39,15 +39,36 @@ __all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "describe_index", "flat_max_vec
 # *number of vectors* (~3-4k at both sizes for 0.95-0.98), not of lists. So nprobe scans about
 # IVF_SCAN_VECTORS, never fewer than IVF_MIN_NPROBE lists (bench/nprobe_sweep.py).
 #   HNSW: no faster at equal recall (100k: M32 efSearch 128 0.30 ms, recall 0.98) and FAISS
-#   cannot remove ids from it, which every library needs. IVF-PQ (4-bit fast scan, m 32/64):
-#   recall 0.07-0.10, 0.5 even with 10× exact re-ranking at 100k, so not used; 8-bit PQ took 70 s
-#   to train on 10k vectors.
+#   cannot remove ids from it, which every library needs.
 # Exact search while Flat costs about 2 ms or less (vectors × dim ≤ 10M: 19.5k ViT-B-32 vectors,
 # 78k of the tiny model's), where its exactness is worth more than a millisecond; IVF above.
-# At 1M the IVF file (~2 KB/vector) is not compressed: one-shot CLI queries memory-map it.
 FLAT_MAX_COMPONENTS = 10_000_000
 IVF_SCAN_VECTORS = 8192
 IVF_MIN_NPROBE = 16
+# The largest libraries keep compressed codes, 4-bit fast-scan PQ, and re-rank the best
+# candidates exactly from the store's float16 vectors (Searcher._rescore). bench/scale.py,
+# 1M × 512-d of bench/query.py's Zipf mixture, 200 queries, 2 threads, re-ranking read from a
+# real SQLite store (bench/results/scale.json), recall@10 / p50 including the re-ranking:
+#   IVF4096,Flat (the IVF-Flat rule), nprobe 34: 0.9975 / 2.6 ms, 2,064 B per vector in RAM.
+#   IVF1024,PQ128x4fs (64 B codes), nprobe 64: re-rank 200 0.902 / 2.8 ms, 400 0.941 / 4.2;
+#     more lists (nprobe 128, 256) add nothing: the codes' order is what loses recall.
+#   IVF1024,PQ256x4fs (128 B codes), nprobe 64: re-rank 200 0.976 / 4.0 ms, 400 0.992 / 5.6.
+#   IVF1024,PQ64 (8-bit, 64 B): re-rank 200 0.964 / 7.6 ms, 400 0.984 / 8.6; slower to scan
+#     and 180 s to train on 100k vectors.
+#   At 100k, OPQ128 in front of PQ128x4fsr, and residual codes (x4fsr), moved recall < 0.01.
+# Why the earlier try (bench/index_choice.py) saw recall 0.07-0.5: codes alone do rank that
+# badly on this data (PQ128x4fs nprobe 16: 0.46 at 100k, where IVF-Flat gets 0.76), and its
+# 64-component codes (PQ32/PQ64x4fs, 16-32 B) were far coarser than these.
+# So: PQ{dim/2}x4fs (dim/4 bytes: 128 B at 512-d, 32 B at 128-d) once IVF-Flat's float32
+# vectors would pass COMPRESSED_MIN_BYTES (1 GiB: 524k ViT-B-32 vectors, 2.1M tiny), about
+# COMPRESSED_SCAN_VECTORS codes scanned (nprobe 64 of 1024 lists at 1M), RERANK_CANDIDATES
+# re-scored exactly.
+COMPRESSED_MIN_BYTES = 1 << 30
+PQ_SUBVECTOR = 2  # components per 4-bit code
+COMPRESSED_SCAN_VECTORS = 65_536
+RERANK_CANDIDATES = 200  # re-scored exactly from the store, or RERANK_FACTOR · k if more
+RERANK_FACTOR = 4
+ADD_PROGRESS_EVERY = 100_000  # a rebuild reports every 10% of its vectors, at most this often
 _FILE = re.compile(r"^(?P<kind>image|caption)-(?P<gen>\d+)\.faiss$")
 
 Progress = Callable[[str], None]
@@ -62,7 +83,26 @@ def index_type_for(count: int, dim: int) -> str:
     """The index_factory string for a library holding `count` vectors of `dim` floats."""
     if count <= flat_max_vectors(dim):
         return "IDMap2,Flat"
+    if count * dim * 4 > COMPRESSED_MIN_BYTES:
+        return f"IVF{compressed_nlist(count)},PQ{max(1, dim // PQ_SUBVECTOR)}x4fs"
     return f"IVF{_nlist(count)},Flat"
+
+
+def compressed_nlist(count: int) -> int:
+    """Lists of a compressed index, about sqrt(count): fewer than IVF-Flat's (scanning codes
+    is cheap, and k-means over 4096 centroids trains in minutes at 10M on 2 cores)."""
+    return 1 << int(round(math.log2(math.sqrt(max(1, count)))))
+
+
+def training_size(factory: str, count: int) -> int:
+    """How many vectors train an index: 40 per list (FAISS warns below 39), at least 100k."""
+    m = re.search(r"IVF(\d+)", factory)
+    return min(count, max(100_000, 40 * int(m[1]) if m else 0))
+
+
+def rerank_depth(k: int) -> int:
+    """How many candidates a compressed index returns for exact re-scoring, for k hits."""
+    return max(RERANK_CANDIDATES, RERANK_FACTOR * k)
 
 
 def _faiss():
@@ -201,12 +241,16 @@ class VectorIndex:
         if not fresh.index.is_trained:
             if progress:
                 progress(f"training {factory} on {count} {self.kind} vectors")
-            fresh.index.train(_training_sample(store, self.kind, count))
+            fresh.index.train(_training_sample(store, self.kind, factory, count))
             _set_search_knobs(fresh.index, count)
         if progress:
             progress(f"adding {count} {self.kind} vectors to {factory}")
-        for ids, vectors in store.iter_vectors(self.kind):
+        added, step = 0, max(ADD_PROGRESS_EVERY, count // 10)
+        for ids, vectors in store.iter_vectors(self.kind):  # streamed, never loaded whole
             fresh.index.add_with_ids(vectors, ids)
+            added += len(ids)
+            if progress and added // step > (added - len(ids)) // step and added < count:
+                progress(f"added {added}/{count} {self.kind} vectors to {factory}")
         self.index, self.factory, self.generation = fresh.index, factory, generation
         self.mapped_from = None
 
@@ -251,6 +295,8 @@ class VectorIndex:
         """The stored vectors of these ids (all must be in the index), from the index itself:
         Flat by its id map, IVF by a hash-table direct map made on first use."""
         faiss = _faiss()
+        if not self.exact_scores:
+            raise RuntimeError(f"{self.factory} keeps lossy codes: read vectors from the store")
         ids = np.ascontiguousarray(ids, np.int64)
         if not hasattr(self.index, "id_map"):
             ivf = faiss.extract_index_ivf(self.index)
@@ -294,14 +340,16 @@ def _needs_rebuild(factory: str, count: int, dim: int) -> bool:
         return True
     if not wanted.startswith("IVF"):
         return False
+    if wanted.endswith(",Flat") != factory.endswith(",Flat"):  # into or out of codes
+        return True
     have_nlist = int(factory[3:].split(",")[0])
     want_nlist = int(wanted[3:].split(",")[0])
     return not (want_nlist / 4 <= have_nlist <= want_nlist * 4)
 
 
-def ivf_nprobe(nlist: int, count: int) -> int:
-    """Lists to visit: about IVF_SCAN_VECTORS vectors, at least IVF_MIN_NPROBE lists."""
-    return min(nlist, max(IVF_MIN_NPROBE, math.ceil(IVF_SCAN_VECTORS * nlist / max(1, count))))
+def ivf_nprobe(nlist: int, count: int, scan: int = IVF_SCAN_VECTORS) -> int:
+    """Lists to visit: about `scan` vectors, at least IVF_MIN_NPROBE lists."""
+    return min(nlist, max(IVF_MIN_NPROBE, math.ceil(scan * nlist / max(1, count))))
 
 
 def _set_search_knobs(index: "faiss.Index", count: int | None = None) -> None:
@@ -310,8 +358,11 @@ def _set_search_knobs(index: "faiss.Index", count: int | None = None) -> None:
     `count` is the library's size when the index is still empty (a rebuild sets it first).
     """
     if not hasattr(index, "id_map"):
-        ivf = _faiss().extract_index_ivf(index)
-        ivf.nprobe = ivf_nprobe(ivf.nlist, count if count is not None else int(index.ntotal))
+        faiss = _faiss()
+        ivf = faiss.extract_index_ivf(index)
+        flat = type(faiss.downcast_index(ivf)) is faiss.IndexIVFFlat
+        ivf.nprobe = ivf_nprobe(ivf.nlist, count if count is not None else int(index.ntotal),
+                                IVF_SCAN_VECTORS if flat else COMPRESSED_SCAN_VECTORS)
 
 
 def describe_index(index: "faiss.Index") -> str:
@@ -321,9 +372,15 @@ def describe_index(index: "faiss.Index") -> str:
     if hasattr(index, "id_map"):
         inner = faiss.downcast_index(index.index)
         return "IDMap2," + ("Flat" if isinstance(inner, faiss.IndexFlat) else type(inner).__name__)
-    ivf = faiss.extract_index_ivf(index)
-    codes = "Flat" if type(faiss.downcast_index(ivf)) is faiss.IndexIVFFlat else \
-        type(faiss.downcast_index(ivf)).__name__
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if type(ivf) is faiss.IndexIVFFlat:
+        codes = "Flat"
+    elif isinstance(ivf, faiss.IndexIVFPQFastScan):
+        codes = f"PQ{ivf.pq.M}x{ivf.pq.nbits}fs"
+    elif isinstance(ivf, faiss.IndexIVFPQ):
+        codes = f"PQ{ivf.pq.M}x{ivf.pq.nbits}"
+    else:
+        codes = type(ivf).__name__
     return f"IVF{ivf.nlist},{codes}"
 
 
@@ -331,8 +388,8 @@ def _nlist(count: int) -> int:
     return 1 << int(round(math.log2(4 * math.sqrt(max(1, count)))))
 
 
-def _training_sample(store: Store, kind: str, count: int) -> np.ndarray:
+def _training_sample(store: Store, kind: str, factory: str, count: int) -> np.ndarray:
     ids = store.ids(kind)
     rng = np.random.default_rng(0)
-    chosen = rng.choice(ids, size=min(len(ids), max(100_000, 40 * _nlist(count))), replace=False)
+    chosen = rng.choice(ids, size=min(len(ids), training_size(factory, count)), replace=False)
     return np.concatenate([v for _, v in store.iter_vectors(kind, np.sort(chosen).tolist())])

@@ -24,7 +24,7 @@ from index.embedder import Embedder
 from index.errors import EmptyLibrary, NotFound, UsageProblem
 from index.photo_meta import iso_time
 from index.scan import Decoded, DecodeFailure, decode_file, decode_image
-from index.vectors import VectorIndex
+from index.vectors import VectorIndex, rerank_depth
 
 from .filters import Filters, MetaFrame
 from .query import (
@@ -258,8 +258,11 @@ class Searcher:
             candidates = self._exact_among(vi, vector, allowed)
         else:
             def candidates(fetch: int) -> tuple[np.ndarray, np.ndarray]:
-                scores, ids = vi.search(vector[None, :], fetch, among=allowed)
-                return self._rescore(vi, vector, scores[0], ids[0])
+                # compressed codes: more candidates than wanted, re-scored exactly
+                depth = fetch if vi.exact_scores else rerank_depth(fetch)
+                scores, ids = vi.search(vector[None, :], depth, among=allowed)
+                scores, ids = self._rescore(vi, vector, scores[0], ids[0])
+                return scores[:fetch], ids[:fetch]
         timings["search"] = (time.perf_counter() - t0) * 1000  # reading allowed vectors
         timings["hydrate"] = 0.0
         fetch = min((want + len(exclude)) * (4 if filtering else 1), pool)
@@ -393,9 +396,12 @@ class Searcher:
         if vi.exact_scores or not len(ids):  # Flat codes: FAISS's scores are already exact
             return scores, ids
         stored = self.library.store.vectors_for(vi.kind, ids.tolist())
-        exact = np.array([float(stored[int(i)] @ vector) for i in ids], np.float32)
+        ids = np.array([i for i in ids if int(i) in stored], np.int64)  # gone since: dropped
+        if not len(ids):
+            return np.empty(0, np.float32), ids
+        exact = np.stack([stored[int(i)] for i in ids]) @ np.asarray(vector, np.float32)
         order = np.argsort(-exact, kind="stable")
-        return exact[order], ids[order]
+        return exact[order].astype(np.float32), ids[order]
 
     def _hydrate(self, target: str, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
         id_list = [int(i) for i in ids]

@@ -122,3 +122,53 @@ def test_index_run_that_crosses_the_threshold_rebuilds_with_progress(tmp_path, m
         lib.index([tmp_path / "photos"], model=TEST_MODEL, progress=events.append)  # nothing new
         assert not [e for e in events if e.phase == "index"]  # no second rebuild
 
+
+def test_above_the_compressed_threshold_the_index_keeps_pq_codes(tmp_path, monkeypatch):
+    from index.vectors import compressed_nlist, rerank_depth
+
+    monkeypatch.setattr(vectors, "FLAT_MAX_COMPONENTS", 100 * DIM)  # Flat up to 100
+    monkeypatch.setattr(vectors, "COMPRESSED_MIN_BYTES", 1000 * DIM * 4)  # codes above 1000
+    store = _store(tmp_path)
+    _add(store, _clustered(600, seed=20), 0)
+    mid = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert mid.factory.startswith("IVF") and mid.exact_scores  # IVF-Flat in between
+    _add(store, _clustered(2400, seed=21), 600)
+    vi = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert vi.factory == f"IVF{compressed_nlist(3000)},PQ{DIM // 2}x4fs", vi.factory
+    assert not vi.exact_scores and vi.size == 3000
+    with pytest.raises(RuntimeError, match="lossy codes"):
+        vi.vectors(store.ids("image")[:2])  # never approximate vectors as if exact
+    reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", mmap=True)
+    assert reader.factory == vi.factory and reader.mapped_from is not None  # the file says so
+
+    # catch-up keeps working on codes: removals and additions
+    gone = store.ids("image")[:50]
+    with store.session() as s, s.begin():
+        s.execute(delete(ImageRow).where(ImageRow.id.in_([int(i) for i in gone])))
+        store.bump_generation(s, "image")
+    _add(store, _clustered(40, seed=22), 5000)
+    assert reader.catch_up(store) and reader.size == 2990
+    assert set(vectors._index_ids(reader.index)) == set(store.ids("image"))
+
+    # the codes alone are approximate; re-scoring candidates from the store recovers the
+    # exact order (all of it when every vector is a candidate)
+    ids = np.sort(store.ids("image"))
+    stored = np.concatenate([v for _, v in store.iter_vectors("image")])
+    queries = _clustered(30, seed=23)
+    truth = ids[np.argsort(-(queries @ stored.T), axis=1)[:, :10]]
+
+    def recall(depth: int | None) -> float:
+        found = []
+        for q, t in zip(queries, truth):
+            _, cand = reader.search(q[None, :], depth or 10)
+            cand = cand[0][cand[0] >= 0]
+            if depth:
+                got = store.vectors_for("image", cand)
+                exact = np.stack([got[int(i)] for i in cand]) @ q
+                cand = cand[np.argsort(-exact)]
+            found.append(len(set(cand[:10]) & set(t)) / 10)
+        return float(np.mean(found))
+
+    codes, reranked, everything = recall(None), recall(rerank_depth(10)), recall(reader.size)
+    assert codes < 0.8 and reranked >= codes + 0.15 and reranked >= 0.85, (codes, reranked)
+    assert everything == 1.0
