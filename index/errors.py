@@ -17,6 +17,7 @@ __all__ = [
     "ModelUnavailable",
     "NoLibrary",
     "NoTrainingPairs",
+    "IndexWriteFailed",
     "NotFound",
     "PriorNotTrained",
     "TooLarge",
@@ -67,6 +68,13 @@ class LibraryUnavailable(ClipdexError):
     folder, a newer schema)."""
 
     http_status = 503
+
+
+class IndexWriteFailed(ClipdexError):
+    """A vector index file could not be written (a full disk, most often). The previous file
+    is kept and the store holds every vector, so nothing is lost."""
+
+    http_status = 507
 
 
 class CaptionFileError(ClipdexError):

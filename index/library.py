@@ -407,7 +407,11 @@ class Library:
             if path is not None:
                 import faiss
 
-                idx = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+                try:
+                    idx = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+                except RuntimeError:  # the next writer or reader rebuilds it from the store
+                    index_info[kind + "s"].update(type="unreadable", vectors=None)
+                    continue
                 index_info[kind + "s"].update(type=_factory_name(idx), vectors=int(idx.ntotal))
         return {
             "home": str(self.settings.home),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .atomic import atomic_write, remove_stale_temps
+from .errors import IndexWriteFailed
 from .store import Store
 
 if TYPE_CHECKING:
@@ -59,14 +60,20 @@ IVF_MIN_NPROBE = 16
 # Why the earlier try (bench/index_choice.py) saw recall 0.07-0.5: codes alone do rank that
 # badly on this data (PQ128x4fs nprobe 16: 0.46 at 100k, where IVF-Flat gets 0.76), and its
 # 64-component codes (PQ32/PQ64x4fs, 16-32 B) were far coarser than these.
-# So: PQ{dim/2}x4fs (dim/4 bytes: 128 B at 512-d, 32 B at 128-d) once IVF-Flat's float32
+# At 10M (IVF4096,PQ256x4fs, built by VectorIndex.open in 361 s) the codes blur further:
+#   re-rank 200: 0.898 (nprobe 27) / 0.900 (nprobe 64); nprobe 32 with 600: 0.9585 / 8.4 ms,
+#   800: 0.966 / 9.3 ms, 1000: 0.9725 / 12.2 ms; query RSS 1.4 GB.
+# At 1M × 128-d: PQ64x4fs (32 B) re-rank 200 0.912 / 1.8 ms, 400 0.956, 800 0.975 / 5.2 ms;
+#   PQ128x4fs (64 B, one code per component) 200: 0.985 / 2.0 ms; IVF4096,Flat 0.993 / 0.3 ms.
+# So: PQ{min(dim, 256)}x4fs (128 B at 512-d, 64 B at 128-d) once IVF-Flat's float32
 # vectors would pass COMPRESSED_MIN_BYTES (1 GiB: 524k ViT-B-32 vectors, 2.1M tiny), about
-# COMPRESSED_SCAN_VECTORS codes scanned (nprobe 64 of 1024 lists at 1M), RERANK_CANDIDATES
-# re-scored exactly.
+# COMPRESSED_SCAN_VECTORS codes scanned (nprobe 64 of 1024 lists at 1M, 27 of 4096 at 10M),
+# and RERANK_CANDIDATES re-scored exactly at 1M, times sqrt(n / 1M) above (633 at 10M).
 COMPRESSED_MIN_BYTES = 1 << 30
-PQ_SUBVECTOR = 2  # components per 4-bit code
+PQ_MAX_CODES = 256  # 4-bit codes per vector at most: 128 B
 COMPRESSED_SCAN_VECTORS = 65_536
 RERANK_CANDIDATES = 200  # re-scored exactly from the store, or RERANK_FACTOR · k if more
+RERANK_AT = 1_000_000  # ... at this size, growing as sqrt(size) above it
 RERANK_FACTOR = 4
 ADD_PROGRESS_EVERY = 100_000  # a rebuild reports every 10% of its vectors, at most this often
 _FILE = re.compile(r"^(?P<kind>image|caption)-(?P<gen>\d+)\.faiss$")
@@ -84,8 +91,14 @@ def index_type_for(count: int, dim: int) -> str:
     if count <= flat_max_vectors(dim):
         return "IDMap2,Flat"
     if count * dim * 4 > COMPRESSED_MIN_BYTES:
-        return f"IVF{compressed_nlist(count)},PQ{max(1, dim // PQ_SUBVECTOR)}x4fs"
+        return f"IVF{compressed_nlist(count)},PQ{pq_codes(dim)}x4fs"
     return f"IVF{_nlist(count)},Flat"
+
+
+def pq_codes(dim: int) -> int:
+    """4-bit codes per vector: one per component up to PQ_MAX_CODES (the most that divides
+    dim), so 128-d keeps 128 codes (64 B) and 512-d 256 (128 B)."""
+    return max(m for m in range(1, min(dim, PQ_MAX_CODES) + 1) if dim % m == 0)
 
 
 def compressed_nlist(count: int) -> int:
@@ -100,9 +113,12 @@ def training_size(factory: str, count: int) -> int:
     return min(count, max(100_000, 40 * int(m[1]) if m else 0))
 
 
-def rerank_depth(k: int) -> int:
-    """How many candidates a compressed index returns for exact re-scoring, for k hits."""
-    return max(RERANK_CANDIDATES, RERANK_FACTOR * k)
+def rerank_depth(k: int, count: int) -> int:
+    """How many candidates a compressed index of `count` vectors returns for exact
+    re-scoring, for k hits: RERANK_CANDIDATES at 1M, growing as sqrt(count) (the codes' order
+    blurs as the library grows denser), at least RERANK_FACTOR · k."""
+    scale = math.sqrt(max(1.0, count / RERANK_AT))
+    return max(math.ceil(RERANK_CANDIDATES * scale), RERANK_FACTOR * k)
 
 
 def _faiss():
@@ -132,12 +148,16 @@ class VectorIndex:
         self.kind, self.dim, self.directory = kind, dim, directory
         self.index, self.generation, self.factory = index, generation, factory
         self.mapped_from = mapped_from  # the file a read-only, memory-mapped index maps
+        # writers rebuild an index of the wrong type for the library's size; readers keep
+        # adding to theirs until the writer's rebuilt file is there, then load it
+        self.rebuilds = True
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
     def open(cls, store: Store, kind: str, dim: int, directory: Path, *,
              save: bool = False, mmap: bool = False, hold: bool = False,
-             progress: Progress | None = None) -> "VectorIndex":
+             progress: Progress | None = None,
+             notice: Progress | None = None) -> "VectorIndex":
         """Load the newest saved index for `kind` and catch it up with the store.
 
         With `save`, a caught-up or rebuilt index is written back (the write path does this;
@@ -147,25 +167,37 @@ class VectorIndex:
         mapped vs 0.6-0.7 ms loaded; 0.73 s to load). The one-shot CLI maps; the server and the
         Python API load. A mapped index is copied into memory only if it must be caught up.
         With `hold` nothing is written at all: the caller keeps the index and saves it later.
+        A file that cannot be read (truncated, corrupt, another dimension) is rebuilt from the
+        store, said to `notice` (else `progress`, else stderr); the rebuilt index replaces it.
         """
         faiss = _faiss()
         path, generation = cls.newest_file(directory, kind)
+        index = None
         if path is not None:
             mapped = mmap and not save
             flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
-            index = faiss.read_index(str(path), flags)
+            try:
+                index = _read_index(path, flags, dim)
+            except UnreadableIndex as exc:  # derived data: the store rebuilds it
+                (notice or progress or _stderr)(
+                    f"the {kind} index {path} cannot be used ({exc}); rebuilding it from the "
+                    f"store")
+                generation = -1
+        if index is not None:
             _set_search_knobs(index)
             factory = getattr(index, "clipdex_factory", None) or describe_index(index)
             vi = cls(kind, dim, directory, index, generation, factory,
                      mapped_from=path if mapped else None)
         else:
             vi = cls.empty(kind, dim, directory, index_type_for(store.count(kind), dim))
+        vi.rebuilds = save or hold
         changed = vi.catch_up(store, progress=progress)
         if hold:
             return vi
         if save and (changed or path is None):
             vi.save()
-        elif changed and vi.generation > generation:
+        elif changed and vi.generation > generation and \
+                not _needs_rebuild(vi.factory, vi.size, dim):  # the writer's to rebuild
             vi.save_quietly()  # e.g. after an interrupted `captions add`: catch up once only
         return vi
 
@@ -190,12 +222,18 @@ class VectorIndex:
     def catch_up(self, store: Store, *, progress: Progress | None = None) -> bool:
         """Bring the index to the store's current generation; True when anything changed."""
         generation = store.generation(self.kind)
-        if generation == self.generation and self.generation >= 0:
+        if generation == self.generation and self.generation >= 0 and not (
+                self.rebuilds and _needs_rebuild(self.factory, self.size, self.dim)):
             return False
         if self.mapped_from is not None:  # a mapped index is read-only: load a copy first
             self._load_in_memory()
         store_ids = store.ids(self.kind)
-        if not self.index.is_trained or _needs_rebuild(self.factory, len(store_ids), self.dim):
+        wrong_type = _needs_rebuild(self.factory, len(store_ids), self.dim)
+        if wrong_type and not self.rebuilds and self.index.is_trained and \
+                self.newest_file(self.directory, self.kind)[1] >= self.generation:
+            self._load_in_memory()  # a writer's rebuilt index: take it, then catch it up
+            wrong_type = _needs_rebuild(self.factory, len(store_ids), self.dim)
+        if not self.index.is_trained or (wrong_type and self.rebuilds):
             self.rebuild(store, generation=generation, progress=progress)
             return True
         have = _index_ids(self.index)
@@ -307,10 +345,18 @@ class VectorIndex:
     # --- saving -----------------------------------------------------------------------------
     def save(self) -> Path:
         """Write atomically as `<kind>-<generation>.faiss`, then drop older generations and
-        the temp files of writers that were killed."""
+        the temp files of writers that were killed. A write that fails (a full disk) keeps the
+        previous file and raises IndexWriteFailed."""
         final = self.directory / f"{self.kind}-{self.generation}.faiss"
-        atomic_write(final, lambda tmp: _faiss().write_index(self.index, str(tmp)),
-                     crash_point="save")
+        try:
+            atomic_write(final, lambda tmp: _faiss().write_index(self.index, str(tmp)),
+                         crash_point="save")
+        except (OSError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise IndexWriteFailed(
+                f"could not write the {self.kind} index {final} ({reason}); the previous index "
+                f"file is kept and the store holds every vector: free some space in "
+                f"{self.directory} and run the command again") from None
         for entry in self.directory.iterdir():
             m = _FILE.match(entry.name)
             # newer files are another process's (a writer, or a reader that caught up)
@@ -324,13 +370,35 @@ class VectorIndex:
         the next reader need not catch up again; a read-only library simply is not helped."""
         try:
             self.save()
-        except OSError:
+        except (OSError, IndexWriteFailed):
             return False
         return True
 
     def describe(self) -> dict:
         return {"type": self.factory, "vectors": self.size, "exact": self.exact,
                 "generation": self.generation, "memory_mapped": self.mapped_from is not None}
+
+
+class UnreadableIndex(Exception):
+    """An index file FAISS cannot read, or one that does not fit the library."""
+
+
+def _read_index(path: Path, flags: int, dim: int) -> "faiss.Index":
+    faiss = _faiss()
+    try:
+        index = faiss.read_index(str(path), flags)
+    except RuntimeError as exc:  # FAISS's own error: truncated, not an index, bad header
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise UnreadableIndex(lines[-1].strip() if lines else "unreadable") from None
+    if index.d != dim:
+        raise UnreadableIndex(f"it holds {index.d}-dimensional vectors, the library {dim}")
+    return index
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(f"clipdex: {message}", file=sys.stderr, flush=True)
 
 
 def _needs_rebuild(factory: str, count: int, dim: int) -> bool:

@@ -259,7 +259,7 @@ class Searcher:
         else:
             def candidates(fetch: int) -> tuple[np.ndarray, np.ndarray]:
                 # compressed codes: more candidates than wanted, re-scored exactly
-                depth = fetch if vi.exact_scores else rerank_depth(fetch)
+                depth = fetch if vi.exact_scores else rerank_depth(fetch, vi.size)
                 scores, ids = vi.search(vector[None, :], depth, among=allowed)
                 scores, ids = self._rescore(vi, vector, scores[0], ids[0])
                 return scores[:fetch], ids[:fetch]

@@ -134,7 +134,7 @@ def test_above_the_compressed_threshold_the_index_keeps_pq_codes(tmp_path, monke
     assert mid.factory.startswith("IVF") and mid.exact_scores  # IVF-Flat in between
     _add(store, _clustered(2400, seed=21), 600)
     vi = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
-    assert vi.factory == f"IVF{compressed_nlist(3000)},PQ{DIM // 2}x4fs", vi.factory
+    assert vi.factory == f"IVF{compressed_nlist(3000)},PQ{DIM}x4fs", vi.factory
     assert not vi.exact_scores and vi.size == 3000
     with pytest.raises(RuntimeError, match="lossy codes"):
         vi.vectors(store.ids("image")[:2])  # never approximate vectors as if exact
@@ -169,6 +169,124 @@ def test_above_the_compressed_threshold_the_index_keeps_pq_codes(tmp_path, monke
             found.append(len(set(cand[:10]) & set(t)) / 10)
         return float(np.mean(found))
 
-    codes, reranked, everything = recall(None), recall(rerank_depth(10)), recall(reader.size)
+    codes, reranked = recall(None), recall(rerank_depth(10, reader.size))
+    everything = recall(reader.size)
     assert codes < 0.8 and reranked >= codes + 0.15 and reranked >= 0.85, (codes, reranked)
     assert everything == 1.0
+
+
+# --- faults: a damaged index file, a full disk, a reader during a rebuild ----------------------
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 3])
+    elif how == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    else:  # a readable index of another dimension
+        import faiss
+
+        faiss.write_index(faiss.index_factory(DIM * 2, "IDMap2,Flat"), str(path))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "other-dimension"])
+def test_a_damaged_index_file_is_rebuilt_from_the_store_with_a_notice(tmp_path, small_threshold,
+                                                                       how):
+    import faiss
+
+    store = _store(tmp_path)
+    data = _clustered(300, seed=30)
+    _add(store, data, 0)
+    writer = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    (path,) = (tmp_path / "vectors").glob("image-*.faiss")
+    _damage(path, how)
+    notices: list[str] = []
+    for mmap in (True, False):
+        reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", mmap=mmap,
+                                  notice=notices.append)
+        assert reader.size == 300 and reader.factory == writer.factory
+        _, found = reader.search(data[:20], 1)
+        assert found[:, 0].tolist() == np.sort(store.ids("image"))[:20].tolist()  # itself
+        if notices:
+            break
+    assert len(notices) == 1 and f"the image index {path} cannot be used" in notices[0]
+    assert "rebuilding it from the store" in notices[0]
+    assert faiss.read_index(str(path)).ntotal == 300  # the rebuilt index replaced it
+    assert VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True,
+                            notice=notices.append).size == 300
+    assert len(notices) == 1  # and it is read from then on
+
+
+def test_clipdex_stats_and_search_survive_a_damaged_index_file(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import cli
+    from index.synthetic import scenes
+
+    scenes.write_scenes(tmp_path / "photos", 6, size=48)
+    home = str(tmp_path / "home")
+    run = CliRunner().invoke
+    assert run(cli.main, ["--home", home, "index", str(tmp_path / "photos"), "--model",
+                          TEST_MODEL]).exit_code == 0
+    (path,) = (tmp_path / "home" / "vectors").glob("image-*.faiss")
+    path.write_bytes(path.read_bytes()[:40])
+    stats = run(cli.main, ["--home", home, "stats", "--json"])
+    assert stats.exit_code == 0, stats.output
+    result = run(cli.main, ["--home", home, "search", "a red circle", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "cannot be used" in result.stderr and "rebuilding it from the store" in result.stderr
+    assert '"hits"' in result.stdout and result.stdout.count('"path"') == 6
+
+
+def test_a_full_disk_during_a_rebuild_keeps_the_old_index_and_readers_use_it(
+        tmp_path, small_threshold, monkeypatch):
+    import faiss
+
+    from index.errors import IndexWriteFailed
+
+    store = _store(tmp_path)
+    small = _clustered(60, seed=31)
+    _add(store, small, 0)
+    first = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert first.factory == "IDMap2,Flat"
+    before = sorted(p.name for p in (tmp_path / "vectors").iterdir())
+    _add(store, _clustered(300, seed=32), 60)  # crosses into IVF: the writer rebuilds
+
+    real = faiss.write_index
+
+    def full_disk(index, name):  # what FAISS raises when the disk fills mid-write
+        Path(name).write_bytes(b"\0" * 100)
+        raise RuntimeError("Error in faiss::FileIOWriter::operator() ... : write error "
+                           "(No space left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    with pytest.raises(IndexWriteFailed, match="No space left on device.*previous index file "
+                                                "is kept"):
+        VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert sorted(p.name for p in (tmp_path / "vectors").iterdir()) == before  # no temp left
+    monkeypatch.setattr(faiss, "write_index", real)
+
+    # a reader meanwhile answers from the old index, caught up in memory, not rebuilt
+    reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors")
+    assert reader.factory == "IDMap2,Flat" and reader.size == 360
+    _, found = reader.search(small[:5], 1)
+    assert found[:, 0].tolist() == np.sort(store.ids("image"))[:5].tolist()
+
+    writer = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert writer.factory.startswith("IVF")
+    _add(store, _clustered(5, seed=33), 1000)
+    assert reader.catch_up(store)  # the rebuilt file is there now: the reader takes it
+    assert reader.factory == writer.factory and reader.size == 365
+
+
+def test_the_size_rule_names_each_tier():
+    from index.vectors import flat_max_vectors, index_type_for, pq_codes, rerank_depth
+
+    assert index_type_for(flat_max_vectors(512), 512) == "IDMap2,Flat"
+    assert index_type_for(400_000, 512) == "IVF2048,Flat"  # 0.8 GB of float32: still Flat codes
+    assert index_type_for(1_000_000, 512) == "IVF1024,PQ256x4fs"
+    assert index_type_for(10_000_000, 512) == "IVF4096,PQ256x4fs"
+    assert index_type_for(1_000_000, 128) == "IVF4096,Flat"  # 0.5 GB
+    assert index_type_for(3_000_000, 128) == "IVF2048,PQ128x4fs"
+    assert (pq_codes(768), pq_codes(640), pq_codes(16)) == (256, 160, 16)
+    assert rerank_depth(10, 500_000) == rerank_depth(10, 1_000_000) == 200
+    assert rerank_depth(10, 10_000_000) == 633 and rerank_depth(100, 1_000_000) == 400
