@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,8 +40,10 @@ CHUNK = 100_000
 SEED = 7
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent through fork and exec, so a child would report its parent's peak."""
+    return _status_mb("VmHWM")
 
 
 def _status_mb(field: str) -> float:
@@ -77,9 +78,9 @@ def load_vectors(workdir: Path, n: int, dim: int) -> np.ndarray:
     return np.memmap(vectors_file(workdir, n, dim), dtype=np.float16, mode="r", shape=(n, dim))
 
 
-def queries(dim: int) -> np.ndarray:
+def queries(dim: int, seed: int = 9) -> np.ndarray:
     """Held-out samples of the same mixture (image-to-image style queries)."""
-    return Mixture.make(SEED, dim).sample(np.random.default_rng((SEED, 1, 9)), QUERIES)[0]
+    return Mixture.make(SEED, dim).sample(np.random.default_rng((SEED, 1, seed)), QUERIES)[0]
 
 
 def truth(workdir: Path, data: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -174,7 +175,8 @@ def build(workdir: Path, data: np.ndarray, factory: str) -> tuple[Path, dict]:
     print()
     faiss.write_index(index, str(path))
     figures = {"build_s": round(time.perf_counter() - started, 1),
-               "train_s": round(trained, 1), "build_peak_rss_mb": round(_rss_mb()),
+               "train_s": round(trained, 1), "build_peak_rss_mb": round(_peak_rss_mb()),
+               "built_by": "bench/scale.py (peak RSS includes the benchmark's own data)",
                "training_sample": sample_n}
     meta.write_text(json.dumps(figures))
     return path, figures
@@ -208,12 +210,13 @@ def build_library_child(workdir: Path, n: int, dim: int) -> None:
     vi = VectorIndex.open(store, "image", dim, home / "vectors", save=True,
                           progress=lambda m: print(f"  [{time.perf_counter() - started:6.0f} s]"
                                                    f" {m}", file=sys.stderr, flush=True))
-    print("BUILT " + json.dumps({"factory": vi.factory, "build_peak_rss_mb": round(_rss_mb()),
+    print("BUILT " + json.dumps({"factory": vi.factory, "build_peak_rss_mb": round(_peak_rss_mb()),
                                  "built_by": "VectorIndex.open(save=True)"}))
 
 
 # --- measuring (in a fresh process per configuration) ------------------------------------------
-def measure(workdir: Path, n: int, dim: int, factory: str, knobs: list[str], mmap: bool) -> list:
+def measure(workdir: Path, n: int, dim: int, factory: str, knobs: list[str], mmap: bool,
+            warm: bool = True) -> list:
     import faiss
 
     from index import vectors as iv
@@ -227,11 +230,19 @@ def measure(workdir: Path, n: int, dim: int, factory: str, knobs: list[str], mma
     store = Store(f"sqlite:///{workdir / f'store-{n}-{dim}' / 'library.db'}", create=False)
     ivf = faiss.extract_index_ivf(index)
     exact_codes = factory.endswith(",Flat")
+    if warm:  # other queries first, so the store's pages are as cached as in steady use
+        started = time.perf_counter()
+        for w in queries(dim, seed=10):
+            _, ids = index.search(w[None, :], 800)
+            if not exact_codes:
+                store.vectors_for("image", ids[0][ids[0] >= 0].tolist())
+        print(f"    warm-up: {QUERIES} other queries in {time.perf_counter() - started:.1f} s",
+              flush=True)
     rows = []
     for knob in knobs:
         if knob == "auto":  # what the library sets
             iv._set_search_knobs(index)
-            nprobe, rerank = ivf.nprobe, iv.rerank_depth(K)
+            nprobe, rerank = ivf.nprobe, iv.rerank_depth(K, int(index.ntotal))
         else:
             nprobe, rerank = (int(v) for v in knob.split("/"))
         ivf.nprobe = nprobe
@@ -250,7 +261,7 @@ def measure(workdir: Path, n: int, dim: int, factory: str, knobs: list[str], mma
         recall = float(np.mean([len(set(f.tolist()) & set(t.tolist())) / K
                                 for f, t in zip(found, gt)]))
         times = times[10:]  # the first queries warm the caches
-        rows.append({"knob": ("library: " if knob == "auto" else "") +
+        rows.append({"knob": ("library knobs: " if knob == "auto" else "") +
                      f"nprobe={nprobe},rerank={rerank if not exact_codes else 0}",
                      "nprobe": nprobe, "rerank": 0 if exact_codes else rerank,
                      "recall_at_10": round(recall, 4),
@@ -258,7 +269,7 @@ def measure(workdir: Path, n: int, dim: int, factory: str, knobs: list[str], mma
                      "p95_ms": round(float(np.percentile(times, 95)), 3),
                      "rss_mb": round(_status_mb("VmRSS")),
                      "rss_anon_mb": round(_status_mb("RssAnon")),
-                     "memory_mapped": mmap})
+                     "memory_mapped": mmap, "warmed_up": warm})
         print(f"    {factory} {rows[-1]['knob']}: recall@10 {recall:.4f} "
               f"p50 {rows[-1]['p50_ms']} ms", flush=True)
     return rows
@@ -291,6 +302,8 @@ def main() -> None:
     parser.add_argument("--knobs", default="auto",
                         help="comma-separated nprobe/rerank pairs, or auto: the library's own")
     parser.add_argument("--mmap", action="store_true", help="memory-map the index files")
+    parser.add_argument("--cold", action="store_true",
+                        help="no warm-up queries before measuring (the store's pages as found)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child processes
@@ -305,7 +318,8 @@ def main() -> None:
         build_library_child(args.workdir, args.n, args.dim)
         return
     if args.measure:
-        rows = measure(args.workdir, args.n, args.dim, args.measure, knobs, args.mmap)
+        rows = measure(args.workdir, args.n, args.dim, args.measure, knobs, args.mmap,
+                       warm=not args.cold)
         print("ROWS " + json.dumps(rows))
         return
     from index import vectors as iv
@@ -323,7 +337,8 @@ def main() -> None:
         child = subprocess.run(
             [sys.executable, __file__, "--n", str(n), "--dim", str(dim), "--workdir",
              str(args.workdir), "--measure", factory, "--knobs", args.knobs,
-             "--threads", str(args.threads)] + (["--mmap"] if args.mmap else []),
+             "--threads", str(args.threads)] + (["--mmap"] if args.mmap else []) +
+            (["--cold"] if args.cold else []),
             capture_output=True, text=True, check=True)
         print("".join(line + "\n" for line in child.stdout.splitlines()
                       if not line.startswith("ROWS ")), end="")
@@ -336,7 +351,8 @@ def main() -> None:
     del gt
     if args.json_out:
         previous = json.loads(args.json_out.read_text()) if args.json_out.exists() else []
-        key = lambda r: (r["n"], r["dim"], r["index"], r["knob"], r["memory_mapped"])  # noqa
+        key = lambda r: (r["n"], r["dim"], r["index"], r["knob"], r["memory_mapped"],  # noqa
+                         r.get("warmed_up", False))
         fresh = {key(r) for r in out}
         args.json_out.write_text(json.dumps([r for r in previous if key(r) not in fresh] + out,
                                             indent=2) + "\n")

@@ -950,6 +950,9 @@ def _compact_sqlite(engine: Engine, notice: Callable[[str], None] | None) -> Non
             mode = raw.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
             if mode.lower() == "delete":
                 raw.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
+            elif notice:  # another process has the database open
+                notice("the store keeps its page size (another process has it open); "
+                       "compacting it as it is")
             raw.execute("VACUUM")
         except Exception as exc:  # sqlite3.OperationalError: full disk, busy, locked
             if notice:

@@ -57,9 +57,12 @@ IVF_MIN_NPROBE = 16
 #   IVF1024,PQ64 (8-bit, 64 B): re-rank 200 0.964 / 7.6 ms, 400 0.984 / 8.6; slower to scan
 #     and 180 s to train on 100k vectors.
 #   At 100k, OPQ128 in front of PQ128x4fsr, and residual codes (x4fsr), moved recall < 0.01.
-# Why the earlier try (bench/index_choice.py) saw recall 0.07-0.5: codes alone do rank that
-# badly on this data (PQ128x4fs nprobe 16: 0.46 at 100k, where IVF-Flat gets 0.76), and its
-# 64-component codes (PQ32/PQ64x4fs, 16-32 B) were far coarser than these.
+# Why the earlier try (bench/index_choice.py) saw recall 0.07-0.5: a configuration, not a
+# bug. Codes alone rank that badly on such data (PQ128x4fs nprobe 16: 0.46 at 100k, where
+# IVF-Flat gets 0.76); its codes were coarse (PQ32/PQ64x4fs, 16-32 B) and it re-ranked 10·k
+# candidates at nprobe 16-32. Its re-ranking (faiss.IndexRefineFlat, inner product) returns
+# exactly what re-scoring the same candidates by hand does (100k, PQ64x4fs: 0.662 / 0.851 /
+# 0.894 both ways at nprobe 16 ×10, 64 ×10, 64 ×20).
 # At 10M (IVF4096,PQ256x4fs, built by VectorIndex.open in 361 s) the codes blur further:
 #   re-rank 200: 0.898 (nprobe 27) / 0.900 (nprobe 64); nprobe 32 with 600: 0.9585 / 8.4 ms,
 #   800: 0.966 / 9.3 ms, 1000: 0.9725 / 12.2 ms; query RSS 1.4 GB.

@@ -137,3 +137,36 @@ def test_http_duplicates(library) -> None:
     assert client.get("/api/duplicates", params={"threshold": 0}).status_code == 422
     missing = client.get("/api/duplicates", params={"under": "/nonexistent/x"})
     assert missing.status_code == 400 and "no such folder" in missing.json()["error"]
+
+
+
+def test_on_compressed_codes_the_groups_are_those_of_exact_search(library, monkeypatch) -> None:
+    # the largest libraries keep 4-bit PQ codes, whose scores are approximate: pairs are
+    # searched below the threshold and checked on the stored vectors
+    import faiss
+
+    from index import vectors
+
+    shared, _, _ = library
+    thresholds = (0.9, 0.96, 0.99)
+
+    def groups(searcher: Searcher, threshold: float) -> list:
+        return sorted(sorted(c.id for c in g.copies)
+                      for g in find_duplicates(searcher, threshold=threshold))
+
+    exact = {t: groups(shared, t) for t in thresholds}
+    assert exact[0.96]  # the planted copies
+    monkeypatch.setattr(vectors, "FLAT_MAX_COMPONENTS", 10)
+    monkeypatch.setattr(vectors, "COMPRESSED_MIN_BYTES", 10)
+    monkeypatch.setattr(vectors, "PQ_MAX_CODES", 32)  # coarse: without the check, groups differ
+    searcher = Searcher.open(shared.library.settings.home)  # its own index, rebuilt below
+    try:
+        vi = searcher.index_for("images")
+        vi.rebuild(searcher.library.store)
+        assert not vi.exact_scores and "x4fs" in vi.factory, vi.factory
+        nlist = faiss.extract_index_ivf(vi.index).nlist
+        monkeypatch.setattr("retrieval.duplicates.DUPLICATE_NPROBE", nlist)  # every list
+        for threshold in thresholds:
+            assert groups(searcher, threshold) == exact[threshold], threshold
+    finally:
+        searcher.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,13 @@ def old_home(tmp_path: Path) -> Path:
 
 def _raw(db: Path, table: str) -> dict[int, np.ndarray]:
     """id -> float32 vector as the schema-3 row holds it."""
-    with sqlite3.connect(db) as connection:
+    with closing(sqlite3.connect(db)) as connection:
         rows = connection.execute(f"SELECT id, vector FROM {table} ORDER BY id").fetchall()
     return {i: np.frombuffer(blob, np.float32) for i, blob in rows}
 
 
 def _columns(db: Path, table: str) -> set[str]:
-    with sqlite3.connect(db) as connection:
+    with closing(sqlite3.connect(db)) as connection:
         return {r[1] for r in connection.execute(f"PRAGMA table_info({table})")}
 
 
@@ -50,7 +51,7 @@ def _digest(path: Path) -> str:
 def test_the_fixture_is_a_schema_3_library() -> None:
     assert "vector" in _columns(FIXTURE, "images") and "vector" in _columns(FIXTURE, "captions")
     assert len(_raw(FIXTURE, "images")) == 10 and len(_raw(FIXTURE, "captions")) == 10
-    with sqlite3.connect(FIXTURE) as connection:
+    with closing(sqlite3.connect(FIXTURE)) as connection:
         assert connection.execute("SELECT value FROM meta WHERE key = 'schema_version'"
                                   ).fetchone() == ("3",)
 
@@ -92,7 +93,7 @@ def test_a_writer_migrates_vectors_to_float16_in_place(old_home: Path) -> None:
         assert cosine >= 0.99999, cosine
     assert found[0][0] == min(images)  # an image is its own nearest neighbour
     assert len(pairs.caption_ids) == 10
-    with sqlite3.connect(db) as connection:
+    with closing(sqlite3.connect(db)) as connection:
         assert connection.execute("PRAGMA page_size").fetchone()[0] == SQLITE_PAGE_SIZE
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         blob = connection.execute("SELECT vector FROM image_vectors LIMIT 1").fetchone()[0]
@@ -121,7 +122,7 @@ def test_an_interrupted_migration_leaves_the_old_library_and_the_next_open_finis
         Library.open(old_home, notice=lambda _: None)
     assert "vector" in _columns(db, "images")  # rolled back: the old layout, whole
     assert _raw(db, "images").keys() == images.keys()
-    with sqlite3.connect(db) as connection:
+    with closing(sqlite3.connect(db)) as connection:
         assert connection.execute("SELECT count(*) FROM image_vectors").fetchone() == (0,)
         assert connection.execute("SELECT value FROM meta WHERE key = 'schema_version'"
                                   ).fetchone() == ("3",)
