@@ -286,6 +286,33 @@ def test_a_saved_lossy_index_is_rescored_after_reopening(near_copies, tmp_path: 
         searcher.close()
 
 
+def test_the_compressed_tier_answers_with_exact_scores_filtered_or_not(near_copies, tmp_path,
+                                                                       monkeypatch) -> None:
+    # the size rule itself (not a patched factory): thresholds lowered so 16 images get
+    # IVF + 4-bit fast-scan PQ codes, re-ranked from the store
+    home = tmp_path / "home"
+    shutil.copytree(near_copies[0], home)
+    monkeypatch.setattr(vectors_module, "FLAT_MAX_COMPONENTS", 10)
+    monkeypatch.setattr(vectors_module, "COMPRESSED_MIN_BYTES", 10)
+    monkeypatch.setattr(vectors_module, "PQ_MAX_CODES", 16)  # coarse: FAISS's order is off
+    with Library.open(home) as library:
+        vi = library.vector_index("image")
+        vi.rebuild(library.store)
+        vi.save()
+        assert "x4fs" in vi.factory and not vi.exact_scores
+    searcher = Searcher.open(home)
+    try:
+        reopened = searcher.index_for("images")
+        assert reopened.factory.endswith("x4fs") and reopened.size == 16
+        raw_scores, raw_ids = reopened.search(
+            searcher.query_vector([Term("text", near_copies[1], 1.0)])[0][None, :], 16)
+        hits = _assert_scores_are_exact(searcher, near_copies[1], 16)
+        assert [h.id for h in hits] != raw_ids[0].tolist()  # the codes alone: another order
+        _assert_scores_are_exact(searcher, "a red circle", 3)
+    finally:
+        searcher.close()
+
+
 def test_a_writer_drops_the_redundant_path_index_and_a_reader_leaves_it(
         photos: Path, tmp_path: Path) -> None:
     # libraries written before 2026-12-02 indexed `images.path` twice (its UNIQUE constraint

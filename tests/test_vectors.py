@@ -169,6 +169,9 @@ def test_above_the_compressed_threshold_the_index_keeps_pq_codes(tmp_path, monke
             found.append(len(set(cand[:10]) & set(t)) / 10)
         return float(np.mean(found))
 
+    subset = ids[::7]  # an id selector works on fast-scan codes too
+    _, kept = reader.search(queries[:5], 20, among=subset)
+    assert set(kept[kept >= 0].tolist()) <= set(subset.tolist()) and (kept >= 0).sum() == 100
     codes, reranked = recall(None), recall(rerank_depth(10, reader.size))
     everything = recall(reader.size)
     assert codes < 0.8 and reranked >= codes + 0.15 and reranked >= 0.85, (codes, reranked)
