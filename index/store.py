@@ -445,7 +445,9 @@ class Store:
         """A parameterless SELECT's rows as the driver's own tuples: for whole-library reads
         (1M ids in 0.36-0.48 s here, 0.66-0.85 s as ORM scalars). Only for columns of plain
         types: no TypeDecorator (FilePath) runs on these values."""
-        sql = str(statement.compile(dialect=self.engine.dialect))
+        return self._driver_sql(str(statement.compile(dialect=self.engine.dialect)))
+
+    def _driver_sql(self, sql: str) -> list[tuple]:
         with self.engine.connect() as conn:
             cursor = conn.connection.driver_connection.cursor()
             try:
@@ -501,14 +503,8 @@ class Store:
         ~1.0 ms here, 2.4-2.8 ms through SQLAlchemy (bench/scale.py re-ranks with them).
         The ids are ints, written into the SQL as literals."""
         table = VECTOR_TABLES[kind].__tablename__
-        sql = f"SELECT id, vector FROM {table} WHERE id IN ({','.join(map(str, map(int, ids)))})"
-        with self.engine.connect() as conn:
-            cursor = conn.connection.driver_connection.cursor()
-            try:
-                cursor.execute(sql)
-                return cursor.fetchall()
-            finally:
-                cursor.close()
+        return self._driver_sql(
+            f"SELECT id, vector FROM {table} WHERE id IN ({','.join(map(str, map(int, ids)))})")
 
     def add_vectors(self, session: Session, kind: str, ids: Iterable[int],
                     vectors: np.ndarray) -> None:
