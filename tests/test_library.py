@@ -309,6 +309,14 @@ def test_the_compressed_tier_answers_with_exact_scores_filtered_or_not(near_copi
         hits = _assert_scores_are_exact(searcher, near_copies[1], 16)
         assert [h.id for h in hits] != raw_ids[0].tolist()  # the codes alone: another order
         _assert_scores_are_exact(searcher, "a red circle", 3)
+        # the one-shot CLI memory-maps the file: the same hits, the same exact scores
+        result = CliRunner().invoke(cli.main, ["--home", str(home), "search", near_copies[1],
+                                               "--top", "16", "--json"])
+        assert result.exit_code == 0, result.output
+        cli_hits = json.loads(result.stdout)["hits"]
+        assert [h["id"] for h in cli_hits] == [h.id for h in hits]
+        assert [h["score"] for h in cli_hits] == pytest.approx([h.score for h in hits],
+                                                               abs=1e-5)
     finally:
         searcher.close()
 
