@@ -57,6 +57,9 @@ IVF_MIN_NPROBE = 16
 #   IVF1024,PQ64 (8-bit, 64 B): re-rank 200 0.964 / 7.6 ms, 400 0.984 / 8.6; slower to scan
 #     and 180 s to train on 100k vectors.
 #   At 100k, OPQ128 in front of PQ128x4fsr, and residual codes (x4fsr), moved recall < 0.01.
+#   OPQ240_480,IVF1024,PQ240x4fs (120 B codes, to fit 128 B with the id): 0.971 / 3.5 ms at
+#   1M, but 133 B per vector in the file (fast-scan pads lists to blocks of 32) and 260 s to
+#   train (OPQ) against 15 s.
 # Why the earlier try (bench/index_choice.py) saw recall 0.07-0.5: a configuration, not a
 # bug. Codes alone rank that badly on such data (PQ128x4fs nprobe 16: 0.46 at 100k, where
 # IVF-Flat gets 0.76); its codes were coarse (PQ32/PQ64x4fs, 16-32 B) and it re-ranked 10·k
