@@ -955,7 +955,10 @@ def _compact_sqlite(engine: Engine, notice: Callable[[str], None] | None) -> Non
                 notice(f"the store was not compacted ({exc}); it works as it is, and its "
                        f"free pages are reused")
         finally:
-            raw.execute("PRAGMA journal_mode=WAL")
+            try:
+                raw.execute("PRAGMA journal_mode=WAL")
+            except Exception:  # busy: the next open's connect hook sets WAL again
+                pass
 
 
 def _widen_postgres_columns(engine: Engine) -> None:
