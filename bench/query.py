@@ -271,11 +271,15 @@ def recall_at_k(searcher, vectors: np.ndarray, queries: np.ndarray) -> dict:
 
 
 def rclip_style_search(db_path: Path, query: np.ndarray, k: int = K) -> list[str]:
-    """rclip's way: read every (path, vector) row, frombuffer each, stack, dot, sort in Python."""
+    """rclip's way: read every (path, vector) row, frombuffer each, stack, dot, sort in Python.
+
+    Over this store's own tables (schema 4: float16 vectors in image_vectors; rclip keeps
+    float32 in its image rows)."""
     with sqlite3.connect(db_path) as conn:
-        rows = conn.execute("SELECT path, vector FROM images").fetchall()
+        rows = conn.execute("SELECT path, vector FROM images JOIN image_vectors "
+                            "USING (id)").fetchall()
     paths = [row[0] for row in rows]
-    features = np.stack([np.frombuffer(row[1], np.float32) for row in rows])
+    features = np.stack([np.frombuffer(row[1], np.float16).astype(np.float32) for row in rows])
     similarities = features @ query
     ranked = sorted(zip(similarities, range(len(paths))), key=lambda x: x[0], reverse=True)
     return [paths[i] for _, i in ranked[:k]]
