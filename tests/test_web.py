@@ -271,11 +271,16 @@ def test_api_docs_render_offline(browser, server_url, path: str, rendered: str) 
     assert not errors, errors
 
 
-def test_the_page_at_phone_width(browser, server_url) -> None:
+def _phone(browser):
+    """A browser context and page the size of a phone (375 × 740, touch)."""
     context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True,
                                   has_touch=True)
     context.set_default_timeout(WAIT_MS)
-    page = context.new_page()
+    return context, context.new_page()
+
+
+def test_the_page_at_phone_width(browser, server_url) -> None:
+    context, page = _phone(browser)
     try:
         page.goto(server_url[0] + "/")
         expect = playwright_api.expect
@@ -786,10 +791,7 @@ def test_copy_paths_of_the_other_copies(tagged_page, tagged_url) -> None:
 
 
 def test_duplicates_at_phone_width(browser, tagged_url) -> None:
-    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True,
-                                  has_touch=True)
-    context.set_default_timeout(WAIT_MS)
-    page = context.new_page()
+    context, page = _phone(browser)
     try:
         page.goto(tagged_url[0] + "/#duplicates")  # the view has an address of its own
         expect = playwright_api.expect
