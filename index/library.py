@@ -14,7 +14,7 @@ from .errors import ClipdexError, EmptyLibrary, LibraryUnavailable, ModelUnavail
 from .ingest import IngestProgress, IngestReport, ProgressFn, ingest_images
 from .settings import DEFAULT_MODEL, Settings
 from .store import Store, StoredFailure, check_model
-from .vectors import VectorIndex
+from .vectors import VectorIndex, notice_on_stderr
 
 __all__ = ["Failure", "Library"]
 
@@ -22,12 +22,6 @@ KINDS = ("image", "caption")
 
 
 Failure = StoredFailure  # what `failures()` lists: path, reason, failed_at
-
-
-def _notice_on_stderr(message: str) -> None:
-    import sys
-
-    print(f"clipdex: {message}", file=sys.stderr, flush=True)
 
 
 class Library:
@@ -50,7 +44,7 @@ class Library:
         elif settings.db_url is None and not (settings.home / "library.db").is_file():
             raise NoLibrary(f"no library at {settings.home}: run `clipdex index PATH` first")
         self.store = Store(settings.database_url, create=create,
-                           notice=notice or _notice_on_stderr)
+                           notice=notice or notice_on_stderr)
         self._embedders: dict[tuple[str, str], Embedder] = {}
         self._held: dict[str, VectorIndex] = {}  # index(save_index=False): kept, not saved
 

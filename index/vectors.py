@@ -185,7 +185,7 @@ class VectorIndex:
             try:
                 index = _read_index(path, flags, dim)
             except UnreadableIndex as exc:  # derived data: the store rebuilds it
-                (notice or progress or _stderr)(
+                (notice or progress or notice_on_stderr)(
                     f"the {kind} index {path} cannot be used ({exc}); rebuilding it from the "
                     f"store")
                 generation = -1
@@ -401,7 +401,8 @@ def _read_index(path: Path, flags: int, dim: int) -> "faiss.Index":
     return index
 
 
-def _stderr(message: str) -> None:
+def notice_on_stderr(message: str) -> None:
+    """The default for a notice no caller asked to hear: one line on stderr."""
     import sys
 
     print(f"clipdex: {message}", file=sys.stderr, flush=True)
