@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .atomic import remove_stale_temps
@@ -38,13 +39,21 @@ class Library:
         migrate an older one in place, telling `notice` (default: a line on stderr); readers
         write nothing, and a missing library is NoLibrary."""
         self.settings = settings
-        if create:
-            _make_home(settings.home)
-            remove_stale_temps(settings.home)  # e.g. a prior save killed before its rename
-        elif settings.db_url is None and not (settings.home / "library.db").is_file():
+        # a database of its own (a URL) is opened first: one that cannot be reached or used
+        # leaves no library folder behind
+        database_first = settings.db_url is not None
+        if create and not database_first:
+            _begin_home(settings.home)
+        elif not create and not database_first and not (settings.home / "library.db").is_file():
             raise NoLibrary(f"no library at {settings.home}: run `clipdex index PATH` first")
         self.store = Store(settings.database_url, create=create,
                            notice=notice or notice_on_stderr)
+        if create and database_first:
+            try:
+                _begin_home(settings.home)
+            except ClipdexError:
+                self.store.close()
+                raise
         self._embedders: dict[tuple[str, str], Embedder] = {}
         self._held: dict[str, VectorIndex] = {}  # index(save_index=False): kept, not saved
 
@@ -280,6 +289,11 @@ class Library:
     def _write_index(self, kind: str, dim: int, save: bool,
                      progress: Callable[[str], None] | None = None) -> VectorIndex:
         """The kind's index caught up after a write: saved, or (not `save`) held in memory."""
+        with _index_files_lock(self.settings.home) if save else contextlib.nullcontext():
+            return self._catch_up_index(kind, dim, save, progress)
+
+    def _catch_up_index(self, kind: str, dim: int, save: bool,
+                        progress: Callable[[str], None] | None) -> VectorIndex:
         held = self._held.get(kind)
         if held is None or held.dim != dim:
             vi = VectorIndex.open(self.store, kind, dim, self.settings.index_dir, save=save,
@@ -310,7 +324,8 @@ class Library:
 
     def save_indexes(self) -> list[str]:
         """Write every held index newer than its file (see `index`); returns their kinds."""
-        return [kind for kind, vi in self._held.items() if self._save(vi)]
+        with _index_files_lock(self.settings.home):
+            return [kind for kind, vi in self._held.items() if self._save(vi)]
 
     # --- tags -------------------------------------------------------------------------------
     def tag(self, labels: str | os.PathLike | None = None, *,
@@ -373,7 +388,9 @@ class Library:
         embedder = self._claim(model, precision)
         report = add_captions(self.store, embedder, Path(path), fmt=format, max_chars=max_chars,
                               progress=progress)
-        VectorIndex.open(self.store, "caption", embedder.dim, self.settings.index_dir, save=True)
+        with _index_files_lock(self.settings.home):
+            VectorIndex.open(self.store, "caption", embedder.dim, self.settings.index_dir,
+                             save=True)
         self.prepare_queries()
         return report
 
@@ -445,6 +462,35 @@ def _factory_name(index) -> str:
     from .vectors import describe_index
 
     return describe_index(index)
+
+
+def _begin_home(home: Path) -> None:
+    """A writer's library folder: made when missing, cleared of the temp files of writers
+    that were killed (a save between its write and its rename)."""
+    _make_home(home)
+    remove_stale_temps(home)
+
+
+INDEX_FILES_LOCK = "index.lock"
+
+
+@contextlib.contextmanager
+def _index_files_lock(home: Path) -> Iterator[None]:
+    """Writers of one library (two `clipdex index` runs on a shared PostgreSQL store) write
+    its index files one at a time: each then starts from the other's newest file, and none
+    lists a file the other deletes before it is read (which would rebuild the index from the
+    store for nothing). An flock: released by the kernel when its holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: writers race as before, and catch up on the next open
+        yield
+        return
+    with open(home / INDEX_FILES_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _make_home(home: Path) -> None:

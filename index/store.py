@@ -7,9 +7,11 @@ vector index knows whether it is current.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import urllib.parse
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,8 +21,10 @@ from sqlalchemy import (
     BigInteger,
     Float,
     ForeignKey,
+    Integer,
     LargeBinary,
     String,
+    cast,
     create_engine,
     delete,
     event,
@@ -362,20 +366,28 @@ class Store:
         self.engine: Engine = _engine(url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "handle_error", _unavailable_database(url))
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         with _database_errors(url):
             if create:
-                Base.metadata.create_all(self.engine)
-                if self.engine.dialect.name == "postgresql":
-                    _widen_postgres_columns(self.engine)
-                with self.engine.begin() as conn:
-                    for name in REDUNDANT_INDEXES:
-                        conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
-                _migrate_vectors(self.engine, notice)
+                with _schema_lock(self.engine):
+                    self._make_schema(notice)
             elif not inspect(self.engine).has_table(MetaRow.__tablename__):
                 self.engine.dispose()
                 raise NoLibrary(f"no library in {_redacted(url)}")
-            self._check_schema(create)
+            else:
+                self._check_schema(create)
+
+    def _make_schema(self, notice: Callable[[str], None] | None) -> None:
+        """Make the missing tables and bring an older library to SCHEMA_VERSION."""
+        Base.metadata.create_all(self.engine)
+        if self.engine.dialect.name == "postgresql":
+            _widen_postgres_columns(self.engine)
+        with self.engine.begin() as conn:
+            for name in REDUNDANT_INDEXES:
+                conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+        _migrate_vectors(self.engine, notice)
+        self._check_schema(True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -385,15 +397,18 @@ class Store:
 
     # --- meta -------------------------------------------------------------------------------
     def get_meta(self, key: str, session: Session | None = None) -> str | None:
-        if session is not None:
-            row = session.get(MetaRow, key)
-            return row.value if row else None
+        query = select(MetaRow.value).where(MetaRow.key == key)
+        if session is not None:  # read from the database: set_meta bypasses the ORM's cache
+            return session.scalar(query)
         with self.session() as s:
-            row = s.get(MetaRow, key)
-            return row.value if row else None
+            return s.scalar(query)
 
     def set_meta(self, session: Session, key: str, value: str) -> None:
-        session.merge(MetaRow(key=key, value=value))
+        """One upsert: two writers setting a new key at once both succeed (the later wins),
+        where a read then an insert would fail the second with a duplicate key."""
+        upsert = _insert_for(session)(MetaRow).values(key=key, value=value)
+        session.execute(upsert.on_conflict_do_update(index_elements=[MetaRow.key],
+                                                     set_={"value": value}))
 
     def _check_schema(self, create: bool) -> None:
         with self.session() as s, s.begin():
@@ -417,12 +432,13 @@ class Store:
     def claim_model(self, model: str, dim: int, preprocess: str) -> None:
         """Record the library's model at first use; refuse any other model later."""
         with self.session() as s, s.begin():
+            if self.get_meta("model", s) is None:
+                # another writer may be claiming it too: the first to commit keeps its model
+                for key, value in (("model", model), ("dim", str(dim)),
+                                   ("preprocess", preprocess)):
+                    s.execute(_insert_for(s)(MetaRow).values(key=key, value=value)
+                              .on_conflict_do_nothing(index_elements=[MetaRow.key]))
             recorded = self.get_meta("model", s)
-            if recorded is None:
-                self.set_meta(s, "model", model)
-                self.set_meta(s, "dim", str(dim))
-                self.set_meta(s, "preprocess", preprocess)
-                return
         check_model(recorded, model)
 
     # --- generations ------------------------------------------------------------------------
@@ -431,8 +447,17 @@ class Store:
         return int(value) if value else 0
 
     def bump_generation(self, session: Session, kind: str) -> None:
-        current = self.get_meta(f"generation.{kind}", session)
-        self.set_meta(session, f"generation.{kind}", str(int(current or 0) + 1))
+        """Add one to the kind's generation, in the session's transaction.
+
+        One statement that increments in the database: a read then a write lets two writers
+        on PostgreSQL (READ COMMITTED) both read N and both write N+1, and an index saved at
+        N+1 then misses one of their batches. The row stays locked until the transaction
+        ends, so generations follow commit order.
+        """
+        upsert = _insert_for(session)(MetaRow).values(key=f"generation.{kind}", value="1")
+        session.execute(upsert.on_conflict_do_update(
+            index_elements=[MetaRow.key],
+            set_={"value": cast(cast(MetaRow.value, Integer) + 1, String)}))
 
     # --- vectors ----------------------------------------------------------------------------
     def ids(self, kind: str) -> np.ndarray:
@@ -880,10 +905,70 @@ class _database_errors:
         from sqlalchemy.exc import OperationalError
 
         if isinstance(exc, OperationalError):
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             raise LibraryUnavailable(f"cannot open the database {_redacted(self.url)}: "
-                                     f"{reason}") from None
+                                     f"{_first_line(exc)}") from None
         return False
+
+
+def _first_line(exc: Exception) -> str:
+    """The driver's own reason, first line only (libpq adds hints on further lines)."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
+
+
+def _unavailable_database(url: str) -> Callable:
+    """An engine's handle_error hook: a database that cannot be connected to, or whose
+    connection was lost (a server restarted or gone), is a LibraryUnavailable naming the URL,
+    whatever the store was doing; any other database error stays a bug, with its traceback.
+    Nothing half-written survives: the transaction in flight dies with its connection."""
+
+    def handle(context) -> None:
+        from sqlalchemy.exc import OperationalError
+
+        if not isinstance(context.sqlalchemy_exception, OperationalError):
+            return
+        reason = _first_line(context.original_exception)
+        if context.connection is None:  # no connection was made
+            raise LibraryUnavailable(f"cannot open the database {_redacted(url)}: {reason}")
+        if context.is_disconnect:
+            raise LibraryUnavailable(
+                f"lost the connection to the database {_redacted(url)} ({reason}): what was "
+                f"committed is kept, the rest was rolled back; try again")
+
+    return handle
+
+
+def _insert_for(session: Session):
+    """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL both spell it so)."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert
+
+
+# the PostgreSQL advisory lock a writer's open holds (keys are per database)
+SCHEMA_LOCK_KEY = zlib.crc32(b"clipdex.schema")
+
+
+@contextlib.contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """One writer's open at a time on PostgreSQL (SQLite serialises writers itself): two
+    writers opening one new library would otherwise both create its tables, and one fail on
+    the other's half-made catalogue entries. Released on exit, or by the server when the
+    process dies."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            conn.commit()
 
 
 def _redacted(url: str) -> str:

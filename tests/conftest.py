@@ -94,67 +94,108 @@ def _postgres_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
+class PostgresServer:
+    """A throwaway PostgreSQL server (Debian's `postgresql` package) on a Unix socket in its
+    own folder; tests may restart it under a running library."""
+
+    def __init__(self) -> None:
+        import getpass
+        import socket
+
+        bin_dir = _postgres_bin()
+        if bin_dir is None:
+            pytest.skip("no PostgreSQL server here (apt-get install postgresql; .ci/run does)")
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            pytest.skip("psycopg is not installed (pip install -e '.[dev]')")
+        self.bin_dir = bin_dir
+        self.folder = Path(tempfile.mkdtemp(prefix="clipdex-pg-"))
+        self.as_user: list[str] = []
+        self.user = getpass.getuser()
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            shutil.chown(self.folder, "postgres", "postgres")
+            self.as_user, self.user = ["runuser", "-u", "postgres", "--"], "postgres"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        init = self._pg("initdb", "-D", str(self.folder / "db"), "-A", "trust", "-U", self.user,
+                        "-E", "UTF8")
+        if init.returncode:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
+        start = self._ctl("start", "-o", f"-k {self.folder} -p {self.port} "
+                                         f"-c listen_addresses='' -c fsync=off")
+        if start.returncode:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")
+
+    def _pg(self, tool: str, *args: str):
+        import subprocess
+
+        return subprocess.run([*self.as_user, str(self.bin_dir / tool), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def _ctl(self, action: str, *args: str):
+        # -l: the server's output goes to a file, never to the pipes run() waits on
+        return self._pg("pg_ctl", "-D", str(self.folder / "db"), "-w", "-l",
+                        str(self.folder / "log"), *args, action)
+
+    def url(self, database: str) -> str:
+        """The SQLAlchemy URL of `database` on this server."""
+        return f"postgresql+psycopg://{self.user}@/{database}?host={self.folder}&port={self.port}"
+
+    def create_database(self, name: str) -> str:
+        """A fresh (empty) database of that name; its URL."""
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        return self.url(name)
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop the server (`mode`: pg_ctl's fast or immediate) and start it again; every
+        client connection is cut."""
+        done = self._ctl("restart", "-m", mode)
+        assert done.returncode == 0, done.stderr
+
+    def stop(self) -> None:
+        self._ctl("stop", "-m", "immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A throwaway PostgreSQL server (Debian's `postgresql` package) on a Unix socket, for the
-    session; skipped, saying why, where none can be started."""
-    import getpass
-    import shutil
-    import socket
-    import subprocess
-    import tempfile
+def postgres_server():
+    """The session's PostgreSQL server; skipped, saying why, where none can be started."""
+    server = PostgresServer()
+    yield server
+    server.stop()
 
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server here (apt-get install postgresql; .ci/run does)")
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg is not installed (pip install -e '.[dev]')")
-    data = Path(tempfile.mkdtemp(prefix="clipdex-pg-"))
-    as_user: list[str] = []
-    user = getpass.getuser()
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(data, "postgres", "postgres")
-        as_user, user = ["runuser", "-u", "postgres", "--"], "postgres"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
 
-    def pg(tool: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*as_user, str(bin_dir / tool), *args], capture_output=True,
-                              text=True, timeout=120)
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The session server's URL template: `.format(database=NAME)`."""
+    return postgres_server.url("{database}")
 
-    init = pg("initdb", "-D", str(data / "db"), "-A", "trust", "-U", user, "-E", "UTF8")
-    if init.returncode:
-        shutil.rmtree(data, ignore_errors=True)
-        pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
-    start = pg("pg_ctl", "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
-               f"-k {data} -p {port} -c listen_addresses='' -c fsync=off", "start")
-    if start.returncode:
-        shutil.rmtree(data, ignore_errors=True)
-        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")
-    try:
-        yield f"postgresql+psycopg://{user}@/{{database}}?host={data}&port={port}"
-    finally:
-        pg("pg_ctl", "-D", str(data / "db"), "-m", "immediate", "stop")
-        shutil.rmtree(data, ignore_errors=True)
+
+@pytest.fixture(scope="module")
+def private_postgres():
+    """A server of the module's own, for tests that restart it under a running library."""
+    server = PostgresServer()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def postgres_db(postgres_url: str, request: pytest.FixtureRequest) -> str:
+def postgres_db(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> str:
     """A fresh database on the session's server; its SQLAlchemy URL."""
     import re
 
-    from sqlalchemy import create_engine, text
-
-    name = "t_" + re.sub(r"\W", "_", request.node.name.lower())[:50]
-    admin = create_engine(postgres_url.format(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return postgres_url.format(database=name)
+    return postgres_server.create_database(
+        "t_" + re.sub(r"\W", "_", request.node.name.lower())[:50])
 
 
 # test file -> what its skips mean, and how to run it

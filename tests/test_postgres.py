@@ -1,18 +1,29 @@
-"""The store on a real PostgreSQL server: the same library as on SQLite, row for row."""
+"""The store on a real PostgreSQL server: the same library as on SQLite, row for row; two
+writers at once; runs killed, cut off by a server restart, or pointed at no server at all."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from clipdex_test_embedder import NAME as TEST_MODEL
+from clipdex_test_embedder import SUBPROCESS_ENV
+from test_crash import COUNT, KILLS, QUERIES, clipdex
 
 import cli
+from index.ingest import BATCH_SIZE
 from index.synthetic.scenes import write_scenes
+
+REPO = Path(__file__).resolve().parents[1]
 
 MODEL = TEST_MODEL  # the `test` embedder: these tests look at storage, not meaning
 
@@ -135,3 +146,359 @@ def test_a_schema_3_postgres_library_is_migrated_in_place(tmp_path: Path,
     again = run(home, postgres_db, "search", "a red circle", "--json")
     assert [h["path"] for h in json.loads(again.stdout)["hits"]] == \
         [h["path"] for h in json.loads(hits.stdout)["hits"]]
+
+
+# --- many writers, kills, faults ------------------------------------------------------------
+
+PER_WRITER = 150  # three batches each (64, 64, 22)
+WAIT_S = 30.0  # the longest a handshake may take on a busy machine before the test fails
+# `clipdex` with a pause at a named point of index.faults' hook (the kill hook still works):
+# the Nth time CLIPDEX_TEST_PAUSE_AT's point is reached it touches CLIPDEX_TEST_SIGNAL (when
+# set), then waits for the file CLIPDEX_TEST_UNTIL
+PAUSING_CLI = """
+import os, time
+from pathlib import Path
+from index import faults
+
+kill = faults.crash_test_hook
+point, _, nth = os.environ["CLIPDEX_TEST_PAUSE_AT"].partition(":")
+seen = []
+
+def pause(name):
+    kill(name)
+    if name != point:
+        return
+    seen.append(name)
+    if len(seen) != int(nth or 1):
+        return
+    if os.environ.get("CLIPDEX_TEST_SIGNAL"):
+        Path(os.environ["CLIPDEX_TEST_SIGNAL"]).touch()
+    until, deadline = Path(os.environ["CLIPDEX_TEST_UNTIL"]), time.monotonic() + 60
+    while not until.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+faults.crash_test_hook = pause
+import cli
+cli.main(prog_name="clipdex")
+"""
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The test's environment for a `clipdex` subprocess: no library of the user's, the
+    `test` embedder loadable (as tests/test_crash.py starts it)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CLIPDEX_HOME", "CLIPDEX_DB", "CLIPDEX_MODEL")}
+    env.update(HF_HUB_OFFLINE="1", **SUBPROCESS_ENV, **extra)
+    return env
+
+
+def clipdex_code(code: str, *args: str, **env: str) -> subprocess.Popen:
+    """`python -c code ARGS` (code ends by running the CLI) from the repository root."""
+    return subprocess.Popen([sys.executable, "-c", code, "--quiet", *args], cwd=REPO,
+                            env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what: str, running: list[subprocess.Popen]) -> None:
+    """Poll `condition` until it holds; fail at once when a process it depends on exits."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        for proc in running:
+            if proc.poll() is not None:
+                pytest.fail(f"a writer exited ({proc.returncode}) before {what}: "
+                            f"{proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def writer(home: Path, db: str, folder: Path, **pause: str) -> subprocess.Popen:
+    """`clipdex index FOLDER --json` on the library, pausing as PAUSING_CLI is told."""
+    return clipdex_code(PAUSING_CLI, "--home", str(home), "--db", db, "index", str(folder),
+                        "--model", MODEL, "--json", **pause)
+
+
+def lock_waiters(db: str) -> int:
+    """How many sessions of `db` wait on a lock (a row, a key) another transaction holds."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")).scalar())
+    finally:
+        engine.dispose()
+
+
+def image_rows(home: Path, db: str) -> list:
+    from sqlalchemy import select
+
+    from index import Library
+    from index.store import ImageRow, ImageVectorRow
+
+    with Library.open(home, db=db) as library, library.store.session() as s:
+        return s.execute(select(ImageRow.id, ImageRow.path, ImageVectorRow.vector)
+                         .join(ImageVectorRow, ImageVectorRow.id == ImageRow.id)).all()
+
+
+def assert_consistent(home: Path, db: str) -> dict[str, int]:
+    """Store and FAISS agree (as tests/test_crash.py's check on SQLite): one whole vector per
+    row, one saved index file per kind at the store's generation holding exactly the store's
+    ids and vectors. Returns the generations."""
+    import faiss
+    import numpy as np
+
+    from index import Library
+    from index.store import vector_from_blob
+
+    with Library.open(home, db=db) as library:
+        dim = library.store.model_fingerprint()[1]
+        generations = {k: library.store.generation(k) for k in ("image", "caption", "meta")}
+        images = library.store.count("image")
+    rows = image_rows(home, db)
+    assert len(rows) == images and len({r.path for r in rows}) == len(rows)
+    assert all(len(r.vector) == 2 * dim for r in rows)  # float16
+    files = sorted(p.name for p in (home / "vectors").iterdir())
+    assert files == [f"caption-{generations['caption']}.faiss",
+                     f"image-{generations['image']}.faiss"]
+    saved = faiss.read_index(str(home / "vectors" / f"image-{generations['image']}.faiss"))
+    assert sorted(faiss.vector_to_array(saved.id_map).tolist()) == sorted(r.id for r in rows)
+    for r in rows:
+        np.testing.assert_array_equal(saved.reconstruct(r.id), vector_from_blob(r.vector))
+    return generations
+
+
+@pytest.mark.parametrize("library", ["new", "existing"])
+def test_two_writers_on_one_postgres_library_lose_nothing(tmp_path: Path, postgres_db: str,
+                                                         library: str) -> None:
+    # Two `clipdex index` runs on two folders of one library, started together. Writer A
+    # pauses inside its first batch's transaction (generations bumped, not committed) until
+    # writer B, whose first batch waits for that pause, is seen blocked on A's locks: the
+    # interleaving in which a read-then-write generation bump loses an increment (existing
+    # library) or both writers insert the first generation row (new library).
+    home, folders = tmp_path / "home", [tmp_path / "a", tmp_path / "b"]
+    for seed, folder in enumerate(folders):
+        write_scenes(folder, PER_WRITER, seed=30 + seed, size=48)
+    earlier = 0  # batches committed before the two writers start
+    if library == "existing":
+        write_scenes(tmp_path / "c", 1, seed=29, size=48)
+        assert run(home, postgres_db, "index", str(tmp_path / "c"), "--model", MODEL
+                   ).exit_code == 0
+        folders.append(tmp_path / "c")
+        earlier = 1
+    paused, go = tmp_path / "a-paused", tmp_path / "a-go"
+    writers = [writer(home, postgres_db, folders[0], CLIPDEX_TEST_PAUSE_AT="commit:1",
+                      CLIPDEX_TEST_SIGNAL=str(paused), CLIPDEX_TEST_UNTIL=str(go)),
+               writer(home, postgres_db, folders[1], CLIPDEX_TEST_PAUSE_AT="embed:1",
+                      CLIPDEX_TEST_UNTIL=str(paused))]
+    wait_for(paused.exists, "writer A paused in its transaction", writers)
+    wait_for(lambda: lock_waiters(postgres_db) > 0, "writer B waits on writer A", writers[1:])
+    go.touch()
+    outcomes = [proc.communicate(timeout=120) for proc in writers]
+    for proc, (stdout, stderr) in zip(writers, outcomes):
+        assert proc.returncode == 0, stderr[-3000:]
+        report = json.loads(stdout)
+        assert (report["new"], report["failed"]) == (PER_WRITER, 0), report
+
+    batches = earlier + 2 * -(-PER_WRITER // BATCH_SIZE)
+    generations = assert_consistent(home, postgres_db)
+    # every batch bumped both counters once, in its own transaction: none lost
+    assert (generations["image"], generations["meta"]) == (batches, batches)
+    expected = {str(p) for folder in folders for p in folder.iterdir()
+                if p.suffix in (".png", ".jpg")}
+    assert {r.path for r in image_rows(home, postgres_db)} == expected
+    found = run(home, postgres_db, "search", "a red circle", "--json", "--top", "1000")
+    assert found.exit_code == 0, found.output
+    assert {h["path"] for h in json.loads(found.stdout)["hits"]} == expected
+    again = json.loads(run(home, postgres_db, "index", *map(str, folders), "--json").stdout)
+    assert (again["new"], again["unchanged"], again["removed"]) == (0, len(expected), 0)
+
+
+def waits_for_a_file_lock(proc: subprocess.Popen) -> bool:
+    """Whether the process is blocked in flock() (Linux lists waiters with "->")."""
+    return any(line.split()[1:2] == ["->"] and line.split()[5] == str(proc.pid)
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_two_writers_write_the_index_files_one_at_a_time(tmp_path: Path,
+                                                        postgres_db: str) -> None:
+    # Writer A pauses while saving its image index (file written, not yet renamed) at the
+    # generation it caught up to; writer B then commits more batches and comes to save its
+    # own. Unserialised, B saves and drops older files, then A's older file lands beside it.
+    home, small, large = tmp_path / "home", tmp_path / "small", tmp_path / "large"
+    write_scenes(small, 3, seed=40, size=48)
+    write_scenes(large, BATCH_SIZE + 3, seed=41, size=48)
+    paused, go = tmp_path / "a-paused", tmp_path / "a-go"
+    writers = [writer(home, postgres_db, small, CLIPDEX_TEST_PAUSE_AT="save:1",
+                      CLIPDEX_TEST_SIGNAL=str(paused), CLIPDEX_TEST_UNTIL=str(go)),
+               writer(home, postgres_db, large, CLIPDEX_TEST_PAUSE_AT="embed:1",
+                      CLIPDEX_TEST_UNTIL=str(paused))]
+    wait_for(paused.exists, "writer A paused in its save", writers)
+    wait_for(lambda: writers[1].poll() is not None or waits_for_a_file_lock(writers[1]),
+             "writer B saved, or waits to", writers[:1])
+    go.touch()
+    for proc in writers:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr[-3000:]
+    generations = assert_consistent(home, postgres_db)  # one file per kind, the newest
+    assert generations["image"] == 3  # A's batch, B's two
+
+
+@pytest.fixture(scope="module")
+def killed_on_postgres(tmp_path_factory: pytest.TempPathFactory,
+                       postgres_server) -> tuple:
+    """tests/test_crash.py's trials on PostgreSQL: one `clipdex index` SIGKILLed at each of
+    its kill points (in parallel, each on a database of its own), and the reference library
+    an uninterrupted run builds."""
+    from index import Library
+
+    base = tmp_path_factory.mktemp("pg-crash")
+    photos = base / "photos"
+    write_scenes(photos, COUNT, seed=11, size=64)
+    urls = {point: postgres_server.create_database("kill_" + point.replace(":", "_"))
+            for point in [*KILLS, "reference"]}
+    runs = {point: clipdex("--home", str(base / point.replace(":", "-")), "--db", urls[point],
+                           "index", str(photos), "--model", MODEL, kill_at=point)
+            for point in KILLS}
+    with Library.open(base / "reference", db=urls["reference"]) as library:
+        library.index([photos], model=MODEL)  # while the killed runs start up
+    for proc in runs.values():
+        proc.communicate(timeout=900)  # generous: shared CI machines can be very busy
+    return base, photos, urls, runs
+
+
+def top_hits(home: Path, db: str) -> list[list[str]]:
+    from index import Library
+    from retrieval import Searcher
+
+    searcher = Searcher(Library.open(home, db=db))
+    try:
+        return [[h.path for h in searcher.search(q, k=10).hits] for q in QUERIES]
+    finally:
+        searcher.close()
+
+
+@pytest.mark.parametrize("point", list(KILLS))
+def test_killed_run_on_postgres_recovers_to_the_uninterrupted_library(killed_on_postgres,
+                                                                      point: str) -> None:
+    from index import Library
+
+    base, photos, urls, runs = killed_on_postgres
+    home, db = base / point.replace(":", "-"), urls[point]
+    assert runs[point].returncode == -signal.SIGKILL, runs[point].stderr[-2000:]
+    reference = {r.path: bytes(r.vector) for r in image_rows(base / "reference",
+                                                             urls["reference"])}
+    rows = image_rows(home, db)  # the server rolled the dead client's transaction back
+    assert len(rows) == KILLS[point]
+    assert {r.path: bytes(r.vector) for r in rows}.items() <= reference.items()
+
+    with Library.open(home, db=db) as library:
+        report = library.index([photos], model=MODEL)
+    assert (report.new, report.unchanged, report.failed) == (COUNT - KILLS[point],
+                                                             KILLS[point], 0)
+    # ids may differ from the reference's (a sequence never hands out a rolled-back id
+    # again); the rows, their vectors, the hits and the generations may not
+    generations = assert_consistent(home, db)
+    assert generations == assert_consistent(base / "reference", urls["reference"])
+    assert {r.path: bytes(r.vector) for r in image_rows(home, db)} == reference
+    assert top_hits(home, db) == top_hits(base / "reference", urls["reference"])
+
+
+def one_line_error(stderr: str) -> str:
+    """The one line a failing command printed (no traceback, nothing else)."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["tcp", "socket"])
+def test_an_unreachable_server_is_one_line_naming_the_url(tmp_path: Path, where: str) -> None:
+    pytest.importorskip("psycopg")
+    from sqlalchemy.engine import make_url
+
+    with socket.socket() as s:  # a port nothing listens on once the socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = {"tcp": f"postgresql+psycopg://clipdex:s3cret@127.0.0.1:{port}/photos",
+           "socket": f"postgresql+psycopg://clipdex:s3cret@/photos?host={tmp_path}/none"
+                     f"&port=5432"}[where]
+    photos, fresh, existing = tmp_path / "photos", tmp_path / "fresh", tmp_path / "existing"
+    write_scenes(photos, 2, seed=5, size=32)
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    runs = [clipdex_code("import cli; cli.main()", "--home", str(home), "--db", url, *command)
+            for home, command in ((fresh, ("index", str(photos), "--model", MODEL)),
+                                  (existing, ("index", str(photos))),
+                                  (existing, ("search", "a red circle")),
+                                  (fresh, ("stats",)))]
+    shown = make_url(url).render_as_string(hide_password=True)
+    for proc in runs:
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and stdout == "", stderr
+        line = one_line_error(stderr)
+        assert f"cannot open the database {shown}: " in line and "s3cret" not in line
+        assert "refused" in line if where == "tcp" else "No such file" in line
+    assert not fresh.exists()  # a library that cannot be opened is not begun
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+
+def test_a_missing_psycopg_names_the_extra_to_install(tmp_path: Path) -> None:
+    # psycopg is installed here: the subprocess hides it as an uninstalled package would be
+    hidden = "import sys; sys.modules['psycopg'] = None\nimport cli; cli.main()"
+    photos, home = tmp_path / "photos", tmp_path / "home"
+    write_scenes(photos, 2, seed=5, size=32)
+    url = "postgresql+psycopg://clipdex:s3cret@db.example/photos"
+    for command in (("index", str(photos), "--model", MODEL), ("stats",)):
+        proc = clipdex_code(hidden, "--home", str(home), "--db", url, *command)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1, stderr
+        line = one_line_error(stderr)
+        assert "no module 'psycopg'" in line and "pip install 'clipdex[postgres]'" in line
+        assert "s3cret" not in line
+    assert not home.exists()
+
+
+RESTART_COUNT = BATCH_SIZE + 10  # two batches: the first commits, the second meets a restart
+
+
+@pytest.mark.parametrize(("point", "mode"), [("embed:2", "fast"), ("commit:2", "immediate")])
+def test_a_server_restarted_mid_run_fails_cleanly_and_the_rerun_completes(
+        tmp_path: Path, private_postgres, monkeypatch: pytest.MonkeyPatch, point: str,
+        mode: str) -> None:
+    # restarted between two batches (fast: sessions told to end) or inside the second
+    # batch's open transaction (immediate: connections cut, crash recovery on start)
+    from sqlalchemy.engine import make_url
+
+    from index import faults
+
+    photos, home = tmp_path / "photos", tmp_path / "home"
+    write_scenes(photos, RESTART_COUNT, seed=8, size=48)
+    db = private_postgres.create_database("restart_" + point.replace(":", "_"))
+    name, nth = point.split(":")
+    reached: list[str] = []
+
+    def restart_at(where: str) -> None:
+        if where == name:
+            reached.append(where)
+            if len(reached) == int(nth):
+                private_postgres.restart(mode)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(faults, "crash_test_hook", restart_at)
+        result = run(home, db, "index", str(photos), "--model", MODEL)
+    assert result.exit_code == 1 and len(reached) == int(nth), result.output
+    line = one_line_error(result.stderr)
+    shown = make_url(db).render_as_string(hide_password=True)
+    assert f"lost the connection to the database {shown} (" in line and "try again" in line
+    assert len(image_rows(home, db)) == BATCH_SIZE  # the first batch; none of the second
+
+    rerun = run(home, db, "index", str(photos), "--json")
+    assert rerun.exit_code == 0, rerun.output
+    report = json.loads(rerun.stdout)
+    assert (report["new"], report["unchanged"]) == (RESTART_COUNT - BATCH_SIZE, BATCH_SIZE)
+    assert assert_consistent(home, db)["image"] == 2  # one generation per committed batch
+    reference = tmp_path / "reference"
+    assert run(reference, None, "index", str(photos), "--model", MODEL).exit_code == 0
+    assert {r.path: bytes(r.vector) for r in image_rows(home, db)} == \
+        {r.path: bytes(r.vector) for r in image_rows(reference, None)}
