@@ -3,6 +3,12 @@
 
     .venv/bin/python bench/scale.py --n 1000000 --dim 512 --json-out bench/results/scale.json
     .venv/bin/python bench/scale.py --n 1000000 --dim 128 --json-out bench/results/scale.json
+    .venv/bin/python bench/scale.py --n 1000000 --dim 512 --configs "IVF1024,PQ128x8" \
+        --shard-vectors 250000 --json-out bench/results/scale.json   # the on-disk tier
+
+A configuration of 8-bit codes (`PQ{m}x8`) is the on-disk tier: built by the library's own
+code (training once, shards of --shard-vectors merged with merge_ondisk, lists in their own
+memory-mapped file) with the on-disk line moved below n, and read as the library reads it.
 
 Vectors: the harder mixture of bench/query.py (2000 Zipf-sized anisotropic clusters around a
 shared mean direction), generated in chunks and kept as float16 under --workdir, because float16
@@ -151,13 +157,14 @@ def build(workdir: Path, data: np.ndarray, factory: str) -> tuple[Path, dict]:
     import faiss
 
     n, dim = data.shape
-    name = f"index-{n}-{dim}-{factory.replace(',', '_')}"
-    path, meta = workdir / f"{name}.faiss", workdir / f"{name}.json"
+    path = index_path(workdir, n, dim, factory)
+    meta = path.with_suffix(".json")
     if path.exists() and meta.exists():
         return path, json.loads(meta.read_text())
     from index import vectors as iv
 
-    if factory == iv.index_type_for(n, dim) and not os.environ.get("SCALE_BENCH_RAW_BUILD"):
+    if iv.is_on_disk(factory) or (factory == iv.index_type_for(n, dim) and
+                                  not os.environ.get("SCALE_BENCH_RAW_BUILD")):
         return _build_by_library(workdir, n, dim, factory, path, meta)
     started = time.perf_counter()
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -182,6 +189,16 @@ def build(workdir: Path, data: np.ndarray, factory: str) -> tuple[Path, dict]:
     return path, figures
 
 
+def index_path(workdir: Path, n: int, dim: int, factory: str) -> Path:
+    from index import vectors as iv
+
+    shards = f"-shards{SHARD_VECTORS}" if iv.is_on_disk(factory) else ""
+    return workdir / f"index-{n}-{dim}-{factory.replace(',', '_')}{shards}.faiss"
+
+
+SHARD_VECTORS = 2_000_000  # --shard-vectors: the on-disk tier's shard size
+
+
 def _build_by_library(workdir: Path, n: int, dim: int, factory: str, path: Path,
                       meta: Path) -> tuple[Path, dict]:
     """The library's own choice is built by the library's own code, in a fresh process, from
@@ -190,19 +207,46 @@ def _build_by_library(workdir: Path, n: int, dim: int, factory: str, path: Path,
     home = workdir / f"store-{n}-{dim}"
     started = time.perf_counter()
     child = subprocess.run([sys.executable, __file__, "--n", str(n), "--dim", str(dim),
-                            "--workdir", str(workdir), "--build-library"],
+                            "--workdir", str(workdir), "--build-library", "--shard-vectors",
+                            str(SHARD_VECTORS)] + (["--on-disk"] if "x8" in factory else []),
                            stdout=subprocess.PIPE, text=True, check=True)
     figures = json.loads(child.stdout.split("BUILT ", 1)[1])
     figures["build_s"] = round(time.perf_counter() - started, 1)
+    if figures["factory"] != factory:
+        raise SystemExit(f"the library built {figures['factory']}, not {factory}")
     built = next((home / "vectors").glob("image-*.faiss"))
+    for lists in (home / "vectors").glob("image-*.ivfdata"):  # found beside its header
+        figures["lists_file"] = f"{path.stem}-{lists.name}"
+        figures["shard_vectors"] = SHARD_VECTORS
+        _move_lists(built, lists, workdir / figures["lists_file"])
     os.replace(built, path)
     meta.write_text(json.dumps(figures))
     return path, figures
 
 
-def build_library_child(workdir: Path, n: int, dim: int) -> None:
+def _move_lists(header: Path, lists: Path, target: Path) -> None:
+    """Move an on-disk index's list file and point its header at the new name (the library
+    finds lists beside their header, by base name)."""
+    import faiss
+
+    from index import vectors as iv
+
+    with iv._quiet_stdout():
+        index = faiss.read_index(str(header), faiss.IO_FLAG_ONDISK_SAME_DIR |
+                                 faiss.IO_FLAG_READ_ONLY)
+    os.replace(lists, target)
+    iv._lists(index).filename = str(target)
+    faiss.write_index(index, str(header))
+
+
+def build_library_child(workdir: Path, n: int, dim: int, on_disk: bool) -> None:
+    from index import vectors as iv
     from index.store import Store
     from index.vectors import VectorIndex
+
+    iv.ONDISK_SHARD_VECTORS = SHARD_VECTORS
+    if on_disk:  # the on-disk tier below its line, to compare it where the others fit
+        iv.ONDISK_MIN_BYTES = 0
 
     home = workdir / f"store-{n}-{dim}"
     store = Store(f"sqlite:///{home / 'library.db'}", create=False)
@@ -222,9 +266,8 @@ def measure(workdir: Path, n: int, dim: int, factory: str, knobs: list[str], mma
     from index import vectors as iv
     from index.store import Store
 
-    path = workdir / f"index-{n}-{dim}-{factory.replace(',', '_')}.faiss"
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    index = faiss.read_index(str(path), flags)
+    path = index_path(workdir, n, dim, factory)
+    index = iv._read_index(path, faiss.IO_FLAG_MMAP if mmap else 0, dim)  # as the library
     q = queries(dim)
     gt = np.load(workdir / f"truth-{n}-{dim}.npy")
     store = Store(f"sqlite:///{workdir / f'store-{n}-{dim}' / 'library.db'}", create=False)
@@ -275,8 +318,9 @@ def measure(workdir: Path, n: int, dim: int, factory: str, knobs: list[str], mma
     return rows
 
 
-def _index_bytes(path: Path, n: int) -> float:
-    return path.stat().st_size / n
+def _index_bytes(path: Path, n: int, figures: dict) -> float:
+    lists = path.parent / figures["lists_file"] if figures.get("lists_file") else None
+    return (path.stat().st_size + (lists.stat().st_size if lists else 0)) / n
 
 
 def _store_vector_bytes(db: Path, n: int) -> float:
@@ -292,6 +336,7 @@ def _store_vector_bytes(db: Path, n: int) -> float:
 
 
 def main() -> None:
+    global SHARD_VECTORS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
@@ -305,6 +350,9 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="no warm-up queries before measuring (the store's pages as found)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shard-vectors", type=int, default=SHARD_VECTORS,
+                        help="vectors per shard of an on-disk (PQ…x8) build")
+    parser.add_argument("--on-disk", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child processes
     parser.add_argument("--build-library", action="store_true", help=argparse.SUPPRESS)
@@ -314,8 +362,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     knobs = args.knobs.split(",")
+    SHARD_VECTORS = args.shard_vectors
     if args.build_library:
-        build_library_child(args.workdir, args.n, args.dim)
+        build_library_child(args.workdir, args.n, args.dim, args.on_disk)
         return
     if args.measure:
         rows = measure(args.workdir, args.n, args.dim, args.measure, knobs, args.mmap,
@@ -337,7 +386,8 @@ def main() -> None:
         child = subprocess.run(
             [sys.executable, __file__, "--n", str(n), "--dim", str(dim), "--workdir",
              str(args.workdir), "--measure", factory, "--knobs", args.knobs,
-             "--threads", str(args.threads)] + (["--mmap"] if args.mmap else []) +
+             "--threads", str(args.threads), "--shard-vectors", str(SHARD_VECTORS)] +
+            (["--mmap"] if args.mmap else []) +
             (["--cold"] if args.cold else []),
             capture_output=True, text=True, check=True)
         print("".join(line + "\n" for line in child.stdout.splitlines()
@@ -345,14 +395,15 @@ def main() -> None:
         rows = json.loads(child.stdout.split("ROWS ", 1)[1])
         for row in rows:
             out.append({"n": n, "dim": dim, "index": factory, **row, **figures,
-                        "index_bytes_per_vector": round(_index_bytes(path, n), 1),
+                        "index_bytes_per_vector": round(_index_bytes(path, n, figures), 1),
                         "store_vector_bytes_per_vector": round(store_bytes, 1),
-                        "disk_bytes_per_vector": round(_index_bytes(path, n) + store_bytes, 1)})
+                        "disk_bytes_per_vector": round(_index_bytes(path, n, figures) +
+                                                       store_bytes, 1)})
     del gt
     if args.json_out:
         previous = json.loads(args.json_out.read_text()) if args.json_out.exists() else []
         key = lambda r: (r["n"], r["dim"], r["index"], r["knob"], r["memory_mapped"],  # noqa
-                         r.get("warmed_up", False))
+                         r.get("warmed_up", False), r.get("shard_vectors"))
         fresh = {key(r) for r in out}
         args.json_out.write_text(json.dumps([r for r in previous if key(r) not in fresh] + out,
                                             indent=2) + "\n")

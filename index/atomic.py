@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,8 +88,12 @@ def _older_than(path: Path, seconds: float) -> bool:
 
 
 def _unlink(path: Path) -> int:
+    """Remove a temp file, or a temp folder (an on-disk index's build or copy)."""
     try:
-        path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     except OSError:
         return 0
     return 1

@@ -9,23 +9,28 @@ rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
-from collections.abc import Callable
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_write, remove_stale_temps
+from .atomic import atomic_write, remove_stale_temps, temp_path
 from .errors import IndexWriteFailed
 from .store import Store
 
 if TYPE_CHECKING:
     import faiss
 
-__all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "describe_index", "flat_max_vectors",
-           "index_type_for", "rerank_depth"]
+__all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "add_shard", "describe_index",
+           "flat_max_vectors", "index_type_for", "is_on_disk", "merge_shards", "rerank_depth"]
 
 # Measured with bench/index_choice.py (512-d clustered unit vectors, 2 threads, 2026-11-27;
 # bench/results/index_choice.json), p50 of one query:
@@ -78,11 +83,23 @@ IVF_MIN_NPROBE = 16
 COMPRESSED_MIN_BYTES = 1 << 30
 PQ_MAX_CODES = 256  # 4-bit codes per vector at most: 128 B
 COMPRESSED_SCAN_VECTORS = 65_536
+ONDISK_SCAN_VECTORS = 32_768  # 8-bit codes scan ~3.5× slower than fast scan, rank better
 RERANK_CANDIDATES = 200  # re-scored exactly from the store, or RERANK_FACTOR · k if more
 RERANK_AT = 1_000_000  # ... at this size, growing as sqrt(size) above it
 RERANK_FACTOR = 4
 ADD_PROGRESS_EVERY = 100_000  # a rebuild reports every 10% of its vectors, at most this often
+# Bigger than RAM: past ONDISK_MIN_BYTES of codes and ids, the inverted lists live in a file
+# of their own (FAISS OnDiskInvertedLists, memory-mapped: the page cache holds what queries
+# touch), built shard by shard against one trained index and merged with
+# faiss.contrib.ondisk.merge_ondisk. FAISS cannot keep fast-scan codes on disk (their lists
+# are packed in blocks of 32; merge_ondisk asserts il->code_size == code_size), so the
+# on-disk lists hold 8-bit PQ codes of the same size: PQ{m/2}x8 where fast scan has PQ{m}x4.
+# 2 GiB: 15.8M 512-d vectors (136 B each with the id), 29.8M at 128-d; below it the fast-scan
+# index (1.43 GB of RSS at 10M × 512-d) keeps the query under the 3 GB the issue allows.
+ONDISK_MIN_BYTES = 2 << 30
+ONDISK_SHARD_VECTORS = 2_000_000  # one shard's codes in RAM while it is filled: 272 MB
 _FILE = re.compile(r"^(?P<kind>image|caption)-(?P<gen>\d+)\.faiss$")
+_DATA = re.compile(r"^(?P<kind>image|caption)-(?P<gen>\d+)-[0-9a-f]{8}\.ivfdata$")
 
 Progress = Callable[[str], None]
 
@@ -97,14 +114,23 @@ def index_type_for(count: int, dim: int) -> str:
     if count <= flat_max_vectors(dim):
         return "IDMap2,Flat"
     if count * dim * 4 > COMPRESSED_MIN_BYTES:
-        return f"IVF{compressed_nlist(count)},PQ{pq_codes(dim)}x4fs"
+        fast_scan = pq_codes(dim)
+        on_disk = pq_codes(dim, fast_scan // 2)  # 8-bit codes: the same bytes per vector
+        if count * (on_disk + 8) > ONDISK_MIN_BYTES:
+            return f"IVF{compressed_nlist(count)},PQ{on_disk}x8"
+        return f"IVF{compressed_nlist(count)},PQ{fast_scan}x4fs"
     return f"IVF{_nlist(count)},Flat"
 
 
-def pq_codes(dim: int) -> int:
+def is_on_disk(factory: str) -> bool:
+    """Whether an index of this type keeps its inverted lists in a file of their own."""
+    return bool(re.search(r",PQ\d+x8$", factory))
+
+
+def pq_codes(dim: int, most: int = PQ_MAX_CODES) -> int:
     """4-bit codes per vector: one per component up to PQ_MAX_CODES (the most that divides
     dim), so 128-d keeps 128 codes (64 B) and 512-d 256 (128 B)."""
-    return max(m for m in range(1, min(dim, PQ_MAX_CODES) + 1) if dim % m == 0)
+    return max(m for m in range(1, max(1, min(dim, most)) + 1) if dim % m == 0)
 
 
 def compressed_nlist(count: int) -> int:
@@ -157,6 +183,8 @@ class VectorIndex:
         # writers rebuild an index of the wrong type for the library's size; readers keep
         # adding to theirs until the writer's rebuilt file is there, then load it
         self.rebuilds = True
+        self.notice: Progress = notice_on_stderr
+        self._lag_seen = -1  # the store generation a read-only on-disk index last lagged at
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
@@ -181,9 +209,8 @@ class VectorIndex:
         index = None
         if path is not None:
             mapped = mmap and not save
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
             try:
-                index = _read_index(path, flags, dim)
+                index = _read_index(path, faiss.IO_FLAG_MMAP if mapped else 0, dim)
             except UnreadableIndex as exc:  # derived data: the store rebuilds it
                 (notice or progress or notice_on_stderr)(
                     f"the {kind} index {path} cannot be used ({exc}); rebuilding it from the "
@@ -197,6 +224,7 @@ class VectorIndex:
         else:
             vi = cls.empty(kind, dim, directory, index_type_for(store.count(kind), dim))
         vi.rebuilds = save or hold
+        vi.notice = notice or progress or notice_on_stderr
         changed = vi.catch_up(store, progress=progress)
         if hold:
             return vi
@@ -242,9 +270,25 @@ class VectorIndex:
         if not self.index.is_trained or (wrong_type and self.rebuilds):
             self.rebuild(store, generation=generation, progress=progress)
             return True
+        if self.on_disk and not self.rebuilds and \
+                self.newest_file(self.directory, self.kind)[1] > self.generation:
+            self._load_in_memory()  # a writer's newer header: map the lists it names
+            if self.generation == generation:
+                return True
+        if self.on_disk and not self.rebuilds and generation == self._lag_seen:
+            return False  # still lagging, already said
         have = _index_ids(self.index)
         missing = np.setdiff1d(store_ids, have, assume_unique=True)
         gone = np.setdiff1d(have, store_ids, assume_unique=True)
+        if self.on_disk and (len(missing) or len(gone)):
+            if not self.rebuilds:  # the lists are shared files: only a writer changes them
+                self._lag_seen = generation
+                self.notice(
+                    f"the on-disk {self.kind} index lags the store ({len(missing)} new, "
+                    f"{len(gone)} removed): answering without the new ones until `clipdex "
+                    f"index` brings it up to date")
+                return False
+            self._copy_on_write(generation)
         if len(gone):
             self.index.remove_ids(_faiss().IDSelectorBatch(gone))
         for ids, vectors in store.iter_vectors(self.kind, missing.tolist()):
@@ -258,14 +302,13 @@ class VectorIndex:
 
         Not the mapped file itself: a writer may have saved a newer one and deleted it since.
         """
-        faiss = _faiss()
         for _ in range(3):
             path, generation = self.newest_file(self.directory, self.kind)
             if path is None:
                 break
             try:
-                index = faiss.read_index(str(path))
-            except RuntimeError:  # replaced between listing and reading: look again
+                index = _read_index(path, 0, self.dim)
+            except UnreadableIndex:  # replaced between listing and reading: look again
                 continue
             _set_search_knobs(index)
             self.index, self.generation, self.mapped_from = index, generation, None
@@ -281,6 +324,9 @@ class VectorIndex:
         generation = store.generation(self.kind) if generation is None else generation
         count = store.count(self.kind)
         factory = index_type_for(count, self.dim)
+        if is_on_disk(factory):
+            self._build_on_disk(store, factory, count, generation, progress)
+            return
         fresh = VectorIndex.empty(self.kind, self.dim, self.directory, factory)
         if not fresh.index.is_trained:
             if progress:
@@ -298,7 +344,87 @@ class VectorIndex:
         self.index, self.factory, self.generation = fresh.index, factory, generation
         self.mapped_from = None
 
+    def _build_on_disk(self, store: Store, factory: str, count: int, generation: int,
+                       progress: Progress | None) -> None:
+        """Train once on a sample, fill shards of ONDISK_SHARD_VECTORS (one in RAM at a time,
+        each written to a file), merge them into one list file with merge_ondisk. All of it
+        in a temp folder: a crash or a full disk leaves the previous index as it was."""
+        faiss = _faiss()
+        say = progress or (lambda _message: None)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        work = temp_path(self.directory / f"{self.kind}-{generation}.build")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+            # the factory turns on polysemous training for 8-bit PQ: a reordering of the codes
+            # for Hamming pre-filtering, which clipdex never uses, at 12× the training time
+            # (9k × 16-d: 24.5 s against 2.1 s)
+            faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+            say(f"training {factory} on {count} {self.kind} vectors")
+            index.train(_training_sample(store, self.kind, factory, count))
+            trained = work / "trained.faiss"
+            faiss.write_index(index, str(trained))
+            del index
+            say(f"adding {count} {self.kind} vectors to {factory}, in shards of "
+                f"{ONDISK_SHARD_VECTORS}")
+            shards: list[Path] = []
+            pending: list[tuple[np.ndarray, np.ndarray]] = []
+            added, step = 0, max(ADD_PROGRESS_EVERY, count // 10)
+            for ids, vectors in store.iter_vectors(self.kind):  # streamed, never whole
+                pending.append((ids, vectors))
+                added += len(ids)
+                if sum(len(i) for i, _ in pending) >= ONDISK_SHARD_VECTORS:
+                    shards.append(add_shard(trained, pending, work / f"shard-{len(shards)}"))
+                    pending = []
+                if added // step > (added - len(ids)) // step and added < count:
+                    say(f"added {added}/{count} {self.kind} vectors to {factory}")
+            if pending or not shards:
+                shards.append(add_shard(trained, pending, work / f"shard-{len(shards)}"))
+            say(f"merging {len(shards)} shard(s) into one on-disk index")
+            name = f"{self.kind}-{generation}-{secrets.token_hex(4)}.ivfdata"
+            index = merge_shards(trained, shards, work / name)
+            for shard in shards:
+                shard.unlink()
+            final = self.directory / name
+            os.replace(work / name, final)
+            _lists(index).filename = str(final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        _set_search_knobs(index)
+        self.index, self.factory, self.generation = index, factory, generation
+        self.mapped_from = None
+
+    def _copy_on_write(self, generation: int) -> None:
+        """Make the on-disk lists private before changing them: copy the list file to a new
+        name, and map the copy read-write. Readers keep the old file (and a crash leaves it
+        whole); the saved header of the new generation names the copy."""
+        faiss = _faiss()
+        source = Path(_lists(self.index).filename)
+        work = temp_path(self.directory / f"{self.kind}-{generation}.copy")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            shutil.copyfile(source, work / source.name)  # under its old name: SAME_DIR maps it
+            faiss.write_index(self.index, str(work / "header.faiss"))
+            with _quiet_stdout():
+                index = faiss.read_index(str(work / "header.faiss"),
+                                         faiss.IO_FLAG_ONDISK_SAME_DIR)
+            final = self.directory / f"{self.kind}-{generation}-{secrets.token_hex(4)}.ivfdata"
+            os.replace(work / source.name, final)
+            _lists(index).filename = str(final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        _set_search_knobs(index)
+        self.index, self.mapped_from = index, None
+
     # --- searching --------------------------------------------------------------------------
+    @property
+    def on_disk(self) -> bool:
+        """Whether the inverted lists are a memory-mapped file of their own (the largest
+        libraries): shared with every reader, changed only by a writer, on a copy."""
+        return _lists(self.index) is not None
+
     @property
     def exact(self) -> bool:
         return self.factory.endswith(",Flat") and not self.factory.startswith("IVF")
@@ -354,7 +480,11 @@ class VectorIndex:
         the temp files of writers that were killed. A write that fails (a full disk) keeps the
         previous file and raises IndexWriteFailed."""
         final = self.directory / f"{self.kind}-{self.generation}.faiss"
+        lists = _lists(self.index)
+        keep = Path(lists.filename).name if lists is not None else None
         try:
+            if lists is not None:  # the list file first: the header must never name less
+                _fsync(Path(lists.filename))
             atomic_write(final, lambda tmp: _faiss().write_index(self.index, str(tmp)),
                          crash_point="save")
         except (OSError, RuntimeError) as exc:
@@ -367,6 +497,10 @@ class VectorIndex:
             m = _FILE.match(entry.name)
             # newer files are another process's (a writer, or a reader that caught up)
             if m and m["kind"] == self.kind and int(m["gen"]) < self.generation:
+                entry.unlink(missing_ok=True)
+            d = _DATA.match(entry.name)  # list files of older headers (readers may map them)
+            if d and d["kind"] == self.kind and int(d["gen"]) <= self.generation and \
+                    entry.name != keep:
                 entry.unlink(missing_ok=True)
         remove_stale_temps(self.directory, prefix=f"{self.kind}-")
         return final
@@ -382,7 +516,8 @@ class VectorIndex:
 
     def describe(self) -> dict:
         return {"type": self.factory, "vectors": self.size, "exact": self.exact,
-                "generation": self.generation, "memory_mapped": self.mapped_from is not None}
+                "generation": self.generation, "on_disk": self.on_disk,
+                "memory_mapped": self.mapped_from is not None or self.on_disk}
 
 
 class UnreadableIndex(Exception):
@@ -390,15 +525,100 @@ class UnreadableIndex(Exception):
 
 
 def _read_index(path: Path, flags: int, dim: int) -> "faiss.Index":
+    """Read an index file. On-disk lists are looked for beside it (IO_FLAG_ONDISK_SAME_DIR, so
+    a library folder can move) and mapped read-only: changing them takes _copy_on_write."""
     faiss = _faiss()
+    lists_beside = any(path.parent.glob("*.ivfdata"))
+    if lists_beside:  # IO_FLAG_MMAP on a header of on-disk lists faults on the first search
+        flags &= ~faiss.IO_FLAG_MMAP
+    flags |= faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
     try:
-        index = faiss.read_index(str(path), flags)
+        with _quiet_stdout(lists_beside):
+            index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:  # FAISS's own error: truncated, not an index, bad header
         lines = [line for line in str(exc).splitlines() if line.strip()]
-        raise UnreadableIndex(lines[-1].strip() if lines else "unreadable") from None
+        raise UnreadableIndex(lines[-1].strip().split("Error: ")[-1] if lines
+                              else "unreadable") from None
     if index.d != dim:
         raise UnreadableIndex(f"it holds {index.d}-dimensional vectors, the library {dim}")
+    lists = _lists(index)
+    if lists is not None:  # a short list file would fault (SIGBUS) on the first query
+        data = Path(lists.filename)
+        if data.stat().st_size < lists.totsize:
+            raise UnreadableIndex(f"its list file {data.name} is truncated "
+                                  f"({data.stat().st_size} of {lists.totsize} bytes)")
     return index
+
+
+def _lists(index: "faiss.Index"):
+    """The list file (OnDiskInvertedLists) of an index, or None when it has none. Not the
+    OnDiskInvertedLists FAISS makes for an IVF file read with IO_FLAG_MMAP: those map the
+    index file itself and have no file name of their own."""
+    faiss = _faiss()
+    if hasattr(index, "id_map"):
+        return None
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if isinstance(lists, faiss.OnDiskInvertedLists) and lists.filename.endswith(".ivfdata"):
+        return lists
+    return None
+
+
+def add_shard(trained: Path, batches, out: Path) -> Path:
+    """Fill one shard: a copy of the trained index `trained` with these (ids, vectors)
+    batches, written to `out`. Shards trained alike merge into one index (merge_shards);
+    each can be filled by another process or machine."""
+    faiss = _faiss()
+    shard = faiss.read_index(str(trained))
+    for ids, vectors in batches:
+        shard.add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                           np.ascontiguousarray(ids, np.int64))
+    faiss.write_index(shard, str(out))
+    return out
+
+
+def merge_shards(trained: Path, shards: list[Path], data: Path) -> "faiss.Index":
+    """Merge shard files into an index whose inverted lists are the file `data`
+    (faiss.contrib.ondisk.merge_ondisk: the shards are mapped, never loaded whole)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    faiss = _faiss()
+    index = faiss.read_index(str(trained))
+    with _quiet_stdout():
+        merge_ondisk(index, [str(s) for s in shards], str(data))
+    # FAISS 1.15's merge places the lists itself but leaves the whole file on its free list,
+    # so the next add_with_ids would write over merged lists (ids came back as garbage):
+    # claim that space, as if the merge had allocated it
+    lists, size = _lists(index), _lists(index).totsize
+    if size and (lists.allocate_slot(size) != 0 or lists.totsize != size):
+        raise RuntimeError(f"merging shards into {data}: FAISS's free list was not what "
+                           f"clipdex expects ({lists.totsize} of {size} bytes)")
+    return index
+
+
+@contextlib.contextmanager
+def _quiet_stdout(active: bool = True) -> Iterator[None]:
+    """Keep what FAISS's on-disk lists print (with printf, on file descriptor 1) off stdout,
+    where `--json` output goes."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def notice_on_stderr(message: str) -> None:
@@ -416,6 +636,8 @@ def _needs_rebuild(factory: str, count: int, dim: int) -> bool:
     if not wanted.startswith("IVF"):
         return False
     if wanted.endswith(",Flat") != factory.endswith(",Flat"):  # into or out of codes
+        return True
+    if is_on_disk(wanted) != is_on_disk(factory):  # lists into or out of their own file
         return True
     have_nlist = int(factory[3:].split(",")[0])
     want_nlist = int(wanted[3:].split(",")[0])
@@ -435,9 +657,11 @@ def _set_search_knobs(index: "faiss.Index", count: int | None = None) -> None:
     if not hasattr(index, "id_map"):
         faiss = _faiss()
         ivf = faiss.extract_index_ivf(index)
-        flat = type(faiss.downcast_index(ivf)) is faiss.IndexIVFFlat
+        codes = faiss.downcast_index(ivf)
+        scan = IVF_SCAN_VECTORS if type(codes) is faiss.IndexIVFFlat else \
+            ONDISK_SCAN_VECTORS if type(codes) is faiss.IndexIVFPQ else COMPRESSED_SCAN_VECTORS
         ivf.nprobe = ivf_nprobe(ivf.nlist, count if count is not None else int(index.ntotal),
-                                IVF_SCAN_VECTORS if flat else COMPRESSED_SCAN_VECTORS)
+                                scan)
 
 
 def describe_index(index: "faiss.Index") -> str:

@@ -1,0 +1,180 @@
+"""The largest libraries' index: inverted lists in a memory-mapped file of their own, built
+from shards merged with merge_ondisk, changed only by a writer and only on a copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import delete
+from test_vectors import DIM, _add, _clustered, _store
+
+from index import vectors
+from index.store import ImageRow
+from index.vectors import VectorIndex
+
+N = 9000  # three shards of ONDISK_SHARD_VECTORS below (the store yields 4096 at a time)
+
+
+@pytest.fixture()
+def on_disk_line(monkeypatch):
+    monkeypatch.setattr(vectors, "FLAT_MAX_COMPONENTS", 100 * DIM)  # Flat up to 100
+    monkeypatch.setattr(vectors, "COMPRESSED_MIN_BYTES", 1000 * DIM * 4)  # codes above 1000
+    monkeypatch.setattr(vectors, "ONDISK_MIN_BYTES", 5000 * (DIM // 2 + 8))  # on disk > 5000
+    monkeypatch.setattr(vectors, "ONDISK_SHARD_VECTORS", 4000)
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _search(vi: VectorIndex, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return vi.search(queries, 50)
+
+
+def test_past_the_line_the_lists_are_a_file_merged_from_shards(tmp_path, on_disk_line,
+                                                               monkeypatch, capfd):
+    store = _store(tmp_path)
+    _add(store, _clustered(N, seed=40), 0)
+    steps: list[str] = []
+    vi = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True,
+                          progress=steps.append)
+    assert vi.factory == f"IVF{vectors.compressed_nlist(N)},PQ{DIM // 2}x8" and vi.on_disk
+    assert vi.size == N and not vi.exact_scores and vi.describe()["on_disk"]
+    assert "merging 3 shard(s) into one on-disk index" in steps
+    names = _files(tmp_path / "vectors")  # the header and its lists; no shard or temp left
+    assert len(names) == 2 and {Path(n).suffix for n in names} == {".faiss", ".ivfdata"}
+
+    # one shard or three: the same index (the distributed build merges shards the same way)
+    monkeypatch.setattr(vectors, "ONDISK_SHARD_VECTORS", 10 * N)
+    single = VectorIndex.open(store, "image", DIM, tmp_path / "single", save=True,
+                              progress=steps.append)
+    assert steps[-1] == "merging 1 shard(s) into one on-disk index"
+    queries = _clustered(20, seed=41)
+    (s3, i3), (s1, i1) = _search(vi, queries), _search(single, queries)
+    assert np.array_equal(i3, i1) and np.array_equal(s3, s1)
+
+    # a reader maps the same lists read-only and finds the same; re-ranking from the store
+    # recovers the exact order
+    reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", mmap=True)
+    assert reader.on_disk and np.array_equal(_search(reader, queries)[1], i3)
+    ids = np.sort(store.ids("image"))
+    stored = np.concatenate([v for _, v in store.iter_vectors("image")])
+    truth = ids[np.argsort(-(queries @ stored.T), axis=1)[:, :10]]
+    found = []
+    for q, t in zip(queries, truth):
+        _, cand = reader.search(q[None, :], vectors.rerank_depth(10, N))
+        cand = cand[0][cand[0] >= 0]
+        got = store.vectors_for("image", cand)
+        cand = cand[np.argsort(-(np.stack([got[int(i)] for i in cand]) @ q))]
+        found.append(len(set(cand[:10]) & set(t)) / 10)
+    assert np.mean(found) >= 0.9, np.mean(found)
+    subset = ids[::7]  # an id selector works on on-disk lists too
+    _, kept = reader.search(queries[:5], 20, among=subset)
+    assert set(kept[kept >= 0].tolist()) <= set(subset.tolist()) and (kept >= 0).sum() == 100
+    # what FAISS prints about on-disk lists (merging, reading) is kept off stdout (--json)
+    assert capfd.readouterr().out == ""
+
+
+def test_a_writer_changes_a_copy_and_readers_keep_answering(tmp_path, on_disk_line):
+    store = _store(tmp_path)
+    data = _clustered(N, seed=42)
+    _add(store, data, 0)
+    folder = tmp_path / "vectors"
+    VectorIndex.open(store, "image", DIM, folder, save=True)
+    (old_lists,) = folder.glob("*.ivfdata")
+    reader = VectorIndex.open(store, "image", DIM, folder, mmap=True)
+    before = _search(reader, data[:10])
+
+    gone = [int(i) for i in store.ids("image")[:50]]
+    with store.session() as s, s.begin():
+        s.execute(delete(ImageRow).where(ImageRow.id.in_(gone)))
+        store.bump_generation(s, "image")
+    _add(store, _clustered(40, seed=43), 20_000)
+    writer = VectorIndex.open(store, "image", DIM, folder, save=True)
+    assert writer.on_disk and writer.size == N - 50 + 40
+    assert set(vectors._index_ids(writer.index)) == set(store.ids("image"))
+    (new_lists,) = folder.glob("*.ivfdata")  # the copy; the old file is unlinked ...
+    assert new_lists != old_lists and not old_lists.exists()
+    after = _search(reader, data[:10])  # ... but still mapped by the reader, unchanged
+    assert np.array_equal(after[1], before[1]) and np.array_equal(after[0], before[0])
+    assert reader.catch_up(store) and reader.size == writer.size  # it maps the new one
+    assert set(vectors._index_ids(reader.index)) == set(store.ids("image"))
+
+    # a store change no writer has indexed yet (an interrupted run): readers never write
+    # the shared lists; they answer without the new images and say so, once
+    _add(store, _clustered(5, seed=44), 30_000)
+    listing = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    notices: list[str] = []
+    lagging = VectorIndex.open(store, "image", DIM, folder, notice=notices.append)
+    assert lagging.size == writer.size and lagging.catch_up(store) is False
+    assert len(notices) == 1 and "lags the store (5 new, 0 removed)" in notices[0]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == listing
+    assert VectorIndex.open(store, "image", DIM, folder, save=True).size == writer.size + 5
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_a_damaged_list_file_is_rebuilt_from_the_store_with_a_notice(tmp_path, on_disk_line,
+                                                                     how):
+    store = _store(tmp_path)
+    data = _clustered(N, seed=45)
+    _add(store, data, 0)
+    folder = tmp_path / "vectors"
+    VectorIndex.open(store, "image", DIM, folder, save=True)
+    (lists,) = folder.glob("*.ivfdata")
+    if how == "truncated":
+        os.truncate(lists, lists.stat().st_size // 2)
+    else:
+        lists.unlink()
+    notices: list[str] = []
+    vi = VectorIndex.open(store, "image", DIM, folder, save=True, notice=notices.append)
+    reason = "is truncated" if how == "truncated" else "No such file or directory"
+    assert len(notices) == 1 and "cannot be used" in notices[0] and reason in notices[0]
+    assert vi.on_disk and vi.size == N
+    _, found = vi.search(data[:5], 50)
+    assert all(i in row for i, row in zip(np.sort(store.ids("image"))[:5], found))
+    assert len(list(folder.glob("*.ivfdata"))) == 1
+
+
+def test_a_build_that_fails_in_the_merge_leaves_the_previous_index(tmp_path, on_disk_line,
+                                                                  monkeypatch):
+    store = _store(tmp_path)
+    _add(store, _clustered(3000, seed=46), 0)
+    folder = tmp_path / "vectors"
+    first = VectorIndex.open(store, "image", DIM, folder, save=True)
+    assert first.factory.endswith("x4fs")  # the fast-scan tier, in RAM
+    before = _files(folder)
+    _add(store, _clustered(N - 3000, seed=47), 10_000)  # past the on-disk line
+
+    def full_disk(trained, shards, data):
+        Path(data).write_bytes(b"\0" * 1000)
+        raise RuntimeError("Error in OnDiskInvertedLists: No space left on device")
+
+    monkeypatch.setattr(vectors, "merge_shards", full_disk)
+    with pytest.raises(RuntimeError, match="No space left"):
+        VectorIndex.open(store, "image", DIM, folder, save=True)
+    assert _files(folder) == before  # no shard, temp folder or half list file left
+    reader = VectorIndex.open(store, "image", DIM, folder)  # answers from the old file
+    assert reader.factory == first.factory and reader.size == N
+    monkeypatch.undo()
+    on_disk_line  # noqa: B018 (the thresholds again, after undo)
+    monkeypatch.setattr(vectors, "FLAT_MAX_COMPONENTS", 100 * DIM)
+    monkeypatch.setattr(vectors, "COMPRESSED_MIN_BYTES", 1000 * DIM * 4)
+    monkeypatch.setattr(vectors, "ONDISK_MIN_BYTES", 5000 * (DIM // 2 + 8))
+    (folder / f".image-7.build.{2**22 + 12345}.tmp").mkdir()  # a killed build's folder
+    writer = VectorIndex.open(store, "image", DIM, folder, save=True)
+    assert writer.on_disk and writer.size == N
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_the_size_rule_puts_the_largest_libraries_on_disk():
+    from index.vectors import index_type_for, is_on_disk
+
+    assert index_type_for(10_000_000, 512) == "IVF4096,PQ256x4fs"
+    assert index_type_for(20_000_000, 512) == "IVF4096,PQ128x8"  # 128 B codes either way
+    assert index_type_for(100_000_000, 512) == "IVF8192,PQ128x8"
+    assert index_type_for(20_000_000, 128) == "IVF4096,PQ128x4fs"
+    assert index_type_for(40_000_000, 128) == "IVF8192,PQ64x8"
+    assert is_on_disk("IVF8192,PQ64x8") and not is_on_disk("IVF4096,PQ256x4fs")
