@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import faults
 
-__all__ = ["atomic_write", "atomic_write_text", "remove_stale_temps", "temp_path"]
+__all__ = ["atomic_write", "atomic_write_text", "fsync_path", "remove_stale_temps",
+           "temp_path"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 # tempfile.mkstemp names from clipdex before 2026-12 (no pid): removed once this old
@@ -42,7 +43,7 @@ def atomic_write(final: Path, write: Callable[[Path], None], *,
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
     return final
 
 
@@ -99,8 +100,9 @@ def _unlink(path: Path) -> int:
     return 1
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a folder (its entries: a rename) or a file (its pages, written or mapped)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

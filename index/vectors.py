@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_write, remove_stale_temps, temp_path
+from .atomic import atomic_write, fsync_path, remove_stale_temps, temp_path
 from .errors import IndexWriteFailed
 from .store import Store
 
@@ -484,7 +484,7 @@ class VectorIndex:
         keep = Path(lists.filename).name if lists is not None else None
         try:
             if lists is not None:  # the list file first: the header must never name less
-                _fsync(Path(lists.filename))
+                fsync_path(Path(lists.filename))
             atomic_write(final, lambda tmp: _faiss().write_index(self.index, str(tmp)),
                          crash_point="save")
         except (OSError, RuntimeError) as exc:
@@ -612,13 +612,6 @@ def _quiet_stdout(active: bool = True) -> Iterator[None]:
         os.dup2(saved, 1)
         os.close(saved)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def notice_on_stderr(message: str) -> None:

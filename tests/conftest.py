@@ -98,7 +98,9 @@ class PostgresServer:
     """A throwaway PostgreSQL server (Debian's `postgresql` package) on a Unix socket in its
     own folder; tests may restart it under a running library."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: str = "-c fsync=off") -> None:
+        """`settings`: the server's own options (tests need no durability; a benchmark
+        comparing stores passes "" for a server as it runs in production)."""
         import getpass
         import socket
 
@@ -125,7 +127,7 @@ class PostgresServer:
             shutil.rmtree(self.folder, ignore_errors=True)
             pytest.skip(f"initdb failed: {init.stderr.strip()[-300:]}")
         start = self._ctl("start", "-o", f"-k {self.folder} -p {self.port} "
-                                         f"-c listen_addresses='' -c fsync=off")
+                                         f"-c listen_addresses='' {settings}")
         if start.returncode:
             shutil.rmtree(self.folder, ignore_errors=True)
             pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")

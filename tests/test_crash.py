@@ -64,18 +64,20 @@ def top_hits(home: Path) -> list[list[tuple[int, str]]]:
         searcher.close()
 
 
-def image_rows(home: Path) -> list:
-    with Library.open(home) as library, library.store.session() as s:
+def image_rows(home: Path, db: str | None = None) -> list:
+    with Library.open(home, db=db) as library, library.store.session() as s:
         return s.execute(select(ImageRow.id, ImageRow.path, ImageVectorRow.vector)
                          .join(ImageVectorRow, ImageVectorRow.id == ImageRow.id)).all()
 
 
-def assert_consistent(home: Path) -> None:
-    """Store and FAISS agree: every row has a whole vector, the index holds exactly those."""
-    with Library.open(home) as library:
+def assert_consistent(home: Path, db: str | None = None) -> dict[str, int]:
+    """Store and FAISS agree: every row has a whole vector, one index file per kind at the
+    store's generation (stale temps gone) holding exactly the store's ids and vectors.
+    Returns the generations (tests/test_postgres.py runs it on PostgreSQL too)."""
+    with Library.open(home, db=db) as library:
         dim = library.store.model_fingerprint()[1]
-        generations = {k: library.store.generation(k) for k in ("image", "caption")}
-    rows = image_rows(home)
+        generations = {k: library.store.generation(k) for k in ("image", "caption", "meta")}
+    rows = image_rows(home, db)
     assert len({r.path for r in rows}) == len(rows)
     assert all(len(r.vector) == 2 * dim for r in rows)  # float16
     files = sorted(p.name for p in (home / "vectors").iterdir())  # stale temps are gone
@@ -85,6 +87,7 @@ def assert_consistent(home: Path) -> None:
     assert sorted(faiss.vector_to_array(saved.id_map).tolist()) == sorted(r.id for r in rows)
     for r in rows:
         np.testing.assert_array_equal(saved.reconstruct(r.id), vector_from_blob(r.vector))
+    return generations
 
 
 @pytest.fixture(scope="module")

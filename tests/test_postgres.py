@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from clipdex_test_embedder import NAME as TEST_MODEL
 from clipdex_test_embedder import SUBPROCESS_ENV
-from test_crash import COUNT, KILLS, QUERIES, clipdex
+from test_crash import COUNT, KILLS, QUERIES, assert_consistent, clipdex, image_rows
 
 import cli
 from index.ingest import BATCH_SIZE
@@ -229,44 +229,6 @@ def lock_waiters(db: str) -> int:
                 "AND wait_event_type = 'Lock'")).scalar())
     finally:
         engine.dispose()
-
-
-def image_rows(home: Path, db: str) -> list:
-    from sqlalchemy import select
-
-    from index import Library
-    from index.store import ImageRow, ImageVectorRow
-
-    with Library.open(home, db=db) as library, library.store.session() as s:
-        return s.execute(select(ImageRow.id, ImageRow.path, ImageVectorRow.vector)
-                         .join(ImageVectorRow, ImageVectorRow.id == ImageRow.id)).all()
-
-
-def assert_consistent(home: Path, db: str) -> dict[str, int]:
-    """Store and FAISS agree (as tests/test_crash.py's check on SQLite): one whole vector per
-    row, one saved index file per kind at the store's generation holding exactly the store's
-    ids and vectors. Returns the generations."""
-    import faiss
-    import numpy as np
-
-    from index import Library
-    from index.store import vector_from_blob
-
-    with Library.open(home, db=db) as library:
-        dim = library.store.model_fingerprint()[1]
-        generations = {k: library.store.generation(k) for k in ("image", "caption", "meta")}
-        images = library.store.count("image")
-    rows = image_rows(home, db)
-    assert len(rows) == images and len({r.path for r in rows}) == len(rows)
-    assert all(len(r.vector) == 2 * dim for r in rows)  # float16
-    files = sorted(p.name for p in (home / "vectors").iterdir())
-    assert files == [f"caption-{generations['caption']}.faiss",
-                     f"image-{generations['image']}.faiss"]
-    saved = faiss.read_index(str(home / "vectors" / f"image-{generations['image']}.faiss"))
-    assert sorted(faiss.vector_to_array(saved.id_map).tolist()) == sorted(r.id for r in rows)
-    for r in rows:
-        np.testing.assert_array_equal(saved.reconstruct(r.id), vector_from_blob(r.vector))
-    return generations
 
 
 @pytest.mark.parametrize("library", ["new", "existing"])
