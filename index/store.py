@@ -875,11 +875,19 @@ def _chunks(ids: Iterable[int], size: int = 900) -> Iterator[list[int]]:
         yield wanted[start:start + size]
 
 
+# libpq waits for a server that never answers (a firewalled host) as long as TCP does, about
+# 2 minutes; a URL's own connect_timeout wins
+PG_CONNECT_TIMEOUT_S = 10
+
+
 def _engine(url: str) -> Engine:
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
-        return create_engine(url)
+        options = {}
+        if url.startswith("postgresql") and "connect_timeout=" not in url:
+            options["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(url, **options)
     except NoSuchModuleError:
         raise LibraryUnavailable(f"unknown database kind in {_redacted(url)}: give an "
                                  f"SQLAlchemy URL such as sqlite:///PATH or "

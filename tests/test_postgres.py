@@ -405,6 +405,26 @@ def test_an_unreachable_server_is_one_line_naming_the_url(tmp_path: Path, where:
     assert [p.name for p in existing.iterdir()] == ["notes.txt"]
 
 
+def test_a_server_that_never_answers_times_out(tmp_path: Path, monkeypatch) -> None:
+    # a listener that accepts and then says nothing (as a firewalled or hung host): without a
+    # connect timeout libpq waits as long as TCP does
+    pytest.importorskip("psycopg")
+    from index import store
+
+    monkeypatch.setattr(store, "PG_CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql+psycopg://clipdex@127.0.0.1:{silent.getsockname()[1]}/photos"
+        started = time.monotonic()
+        result = CliRunner().invoke(cli.main, ["--home", str(tmp_path / "home"), "--db", url,
+                                               "stats"])
+        waited = time.monotonic() - started
+    assert result.exit_code == 1 and "cannot open the database" in result.output
+    assert "timeout" in result.output.lower() and waited < 8, (waited, result.output)
+    assert not (tmp_path / "home").exists()
+
+
 def test_a_missing_psycopg_names_the_extra_to_install(tmp_path: Path) -> None:
     # psycopg is installed here: the subprocess hides it as an uninstalled package would be
     hidden = "import sys; sys.modules['psycopg'] = None\nimport cli; cli.main()"
