@@ -267,7 +267,7 @@ def measure(workdir: Path, n: int, dim: int, factory: str, knobs: list[str], mma
     from index.store import Store
 
     path = index_path(workdir, n, dim, factory)
-    index = iv._read_index(path, faiss.IO_FLAG_MMAP if mmap else 0, dim)  # as the library
+    index = iv.read_index_file(path, faiss.IO_FLAG_MMAP if mmap else 0, dim)  # as the library
     q = queries(dim)
     gt = np.load(workdir / f"truth-{n}-{dim}.npy")
     store = Store(f"sqlite:///{workdir / f'store-{n}-{dim}' / 'library.db'}", create=False)

@@ -415,12 +415,14 @@ class Library:
             index_info[kind + "s"] = {
                 "file": str(path) if path else None, "generation": generation,
                 "store_generation": self.store.generation(kind)}
-            if path is not None:
+            if path is not None and recorded:
                 import faiss
 
-                try:
-                    idx = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
-                except RuntimeError:  # the next writer or reader rebuilds it from the store
+                from .vectors import UnreadableIndex, read_index_file
+
+                try:  # as the library reads it: on-disk lists beside it, nothing on stdout
+                    idx = read_index_file(path, faiss.IO_FLAG_MMAP, recorded[1])
+                except UnreadableIndex:  # the next writer or reader rebuilds it from the store
                     index_info[kind + "s"].update(type="unreadable", vectors=None)
                     continue
                 index_info[kind + "s"].update(type=_factory_name(idx), vectors=int(idx.ntotal))

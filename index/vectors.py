@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     import faiss
 
 __all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "add_shard", "describe_index",
-           "flat_max_vectors", "index_type_for", "is_on_disk", "merge_shards", "rerank_depth"]
+           "flat_max_vectors", "index_type_for", "is_on_disk", "merge_shards",
+           "read_index_file", "rerank_depth"]
 
 # Measured with bench/index_choice.py (512-d clustered unit vectors, 2 threads, 2026-11-27;
 # bench/results/index_choice.json), p50 of one query:
@@ -210,7 +211,7 @@ class VectorIndex:
         if path is not None:
             mapped = mmap and not save
             try:
-                index = _read_index(path, faiss.IO_FLAG_MMAP if mapped else 0, dim)
+                index = read_index_file(path, faiss.IO_FLAG_MMAP if mapped else 0, dim)
             except UnreadableIndex as exc:  # derived data: the store rebuilds it
                 (notice or progress or notice_on_stderr)(
                     f"the {kind} index {path} cannot be used ({exc}); rebuilding it from the "
@@ -307,7 +308,7 @@ class VectorIndex:
             if path is None:
                 break
             try:
-                index = _read_index(path, 0, self.dim)
+                index = read_index_file(path, 0, self.dim)
             except UnreadableIndex:  # replaced between listing and reading: look again
                 continue
             _set_search_knobs(index)
@@ -524,7 +525,7 @@ class UnreadableIndex(Exception):
     """An index file FAISS cannot read, or one that does not fit the library."""
 
 
-def _read_index(path: Path, flags: int, dim: int) -> "faiss.Index":
+def read_index_file(path: Path, flags: int, dim: int) -> "faiss.Index":
     """Read an index file. On-disk lists are looked for beside it (IO_FLAG_ONDISK_SAME_DIR, so
     a library folder can move) and mapped read-only: changing them takes _copy_on_write."""
     faiss = _faiss()
@@ -611,7 +612,6 @@ def _quiet_stdout(active: bool = True) -> Iterator[None]:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
-
 
 
 def notice_on_stderr(message: str) -> None:

@@ -178,3 +178,43 @@ def test_the_size_rule_puts_the_largest_libraries_on_disk():
     assert index_type_for(20_000_000, 128) == "IVF4096,PQ128x4fs"
     assert index_type_for(40_000_000, 128) == "IVF8192,PQ64x8"
     assert is_on_disk("IVF8192,PQ64x8") and not is_on_disk("IVF4096,PQ256x4fs")
+
+
+def test_clipdex_index_stats_and_search_on_an_on_disk_library(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+    from clipdex_test_embedder import DIM as TEST_DIM
+    from clipdex_test_embedder import NAME as TEST_MODEL
+
+    import cli
+    from index.synthetic import scenes
+
+    monkeypatch.setattr(vectors, "FLAT_MAX_COMPONENTS", 10 * TEST_DIM)
+    monkeypatch.setattr(vectors, "COMPRESSED_MIN_BYTES", 10 * TEST_DIM * 4)
+    monkeypatch.setattr(vectors, "ONDISK_MIN_BYTES", 1)  # on disk from the first IVF size
+    monkeypatch.setattr(vectors, "ONDISK_SHARD_VECTORS", 100)
+    photos, home = tmp_path / "photos", tmp_path / "home"
+    scenes.write_scenes(photos, 300, seed=8, size=32)  # 8-bit PQ trains on ≥ 256 vectors
+
+    def run(*args: str):
+        result = CliRunner().invoke(cli.main, ["--home", str(home), *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout) if "--json" in args else result
+
+    assert run("index", str(photos), "--model", TEST_MODEL, "--json")["new"] == 300
+    stats = run("stats", "--json")  # stdout is JSON alone: FAISS's printf kept off it
+    assert stats["index"]["images"]["type"].endswith("x8")
+    assert stats["index"]["images"]["vectors"] == 300
+    hits = run("search", "a red circle", "--json", "--top", "5")["hits"]
+    assert len(hits) == 5 and all(Path(h["path"]).parent == photos for h in hits)
+    assert hits == sorted(hits, key=lambda h: -h["score"])  # re-ranked: exact scores
+
+    gone = sorted(photos.glob("*.jpg"))[:20]
+    for path in gone:
+        path.unlink()
+    assert run("index", str(photos), "--json")["removed"] == 20  # caught up on a copy
+    assert run("stats", "--json")["index"]["images"]["vectors"] == 280
+    (lists,) = (home / "vectors").glob("image-*.ivfdata")
+    top = run("search", "a red circle", "--json", "--top", "280")["hits"]
+    assert len(top) == 280 and not {h["path"] for h in top} & {str(p) for p in gone}
