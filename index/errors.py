@@ -77,6 +77,13 @@ class IndexWriteFailed(ClipdexError):
     http_status = 507
 
 
+class ConcurrentWriter(ClipdexError):
+    """Another writer (a second `clipdex index`, a `watch`) committed some of the same files
+    while this run was embedding them. What both committed is kept; a rerun completes."""
+
+    http_status = 409
+
+
 class CaptionFileError(ClipdexError):
     """A caption file is empty, unreadable or in an unknown format."""
 

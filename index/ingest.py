@@ -20,9 +20,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from . import faults
 from .embedder import Embedder, is_embedder
+from .errors import ConcurrentWriter
 from .photo_meta import META_VERSION, PhotoMeta, places_for, read_file_meta
 from .scan import (
     Decoded,
@@ -434,7 +436,11 @@ def _embed_planned(store: Store, embedder: Embedder, plan: _Plan, counts: dict,
     min_side = 2 * embedder.image_size if plan.to_embed else 0
 
     def flush(batch: _Batch) -> None:
-        _commit(store, embedder, batch, plan, counts, failures, meta, gate)
+        try:
+            _commit(store, embedder, batch, plan, counts, failures, meta, gate)
+        except IntegrityError:
+            _raise_if_concurrent(store, batch)
+            raise
         if progress:
             done = counts["new"] + counts["changed"] + counts["moved"] + counts["failed"]
             total = len(plan.to_embed) + len(plan.scan_failures)
@@ -585,6 +591,20 @@ def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts
             store.bump_generation(s, "image")
         s.flush()
         faults.crash_test_hook("commit")
+
+
+def _raise_if_concurrent(store: Store, batch: _Batch) -> None:
+    """A batch refused for a duplicate path: when another writer has committed some of its
+    files since this run planned them, say so (the batch was rolled back whole)."""
+    paths = [f.path for f in batch.files]
+    with store.session() as s:
+        taken = s.scalars(select(ImageRow.path).where(ImageRow.path.in_(paths))).all()
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise ConcurrentWriter(
+            f"another clipdex writer indexed {taken[0]}{more} while this run was embedding "
+            f"them: the batches committed before are kept; run the command again when the "
+            f"other writer is done (it skips what is indexed)")
 
 
 def _remove_vanished(store: Store, plan: _Plan) -> int:

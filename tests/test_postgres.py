@@ -484,3 +484,34 @@ def test_a_server_restarted_mid_run_fails_cleanly_and_the_rerun_completes(
     assert run(reference, None, "index", str(photos), "--model", MODEL).exit_code == 0
     assert {r.path: bytes(r.vector) for r in image_rows(home, db)} == \
         {r.path: bytes(r.vector) for r in image_rows(reference, None)}
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_writer_that_loses_the_race_for_the_same_files_says_so_and_the_rerun_completes(
+        tmp_path: Path, store: str, request, monkeypatch) -> None:
+    # a second writer (a `watch`, another `clipdex index`) indexes the same folder while this
+    # run is embedding its first batch: this run's insert meets the other's paths
+    from index import Library, faults
+
+    db = request.getfixturevalue("postgres_db") if store == "postgres" else None
+    home, photos = tmp_path / "home", tmp_path / "photos"
+    write_scenes(photos, 70, seed=9, size=32)
+    real_hook, raced = faults.crash_test_hook, []
+
+    def other_writer(name: str) -> None:
+        real_hook(name)
+        if name == "embed" and not raced:
+            raced.append(name)
+            with Library.open(home, db=db) as library:
+                assert library.index([photos], model=MODEL).new == 70
+
+    monkeypatch.setattr(faults, "crash_test_hook", other_writer)
+    lost = run(home, db, "index", str(photos), "--model", MODEL)
+    assert raced and lost.exit_code == 1 and "Traceback" not in lost.output
+    assert "another clipdex writer indexed" in lost.output and "run the command again" in \
+        lost.output
+    monkeypatch.setattr(faults, "crash_test_hook", real_hook)
+    rerun = run(home, db, "index", str(photos), "--json")
+    assert rerun.exit_code == 0, rerun.output
+    assert (json.loads(rerun.stdout)["new"], json.loads(rerun.stdout)["unchanged"]) == (0, 70)
+    assert_consistent(home, db)
