@@ -390,6 +390,8 @@ class VectorIndex:
             final = self.directory / name
             os.replace(work / name, final)
             _lists(index).filename = str(final)
+        except (OSError, RuntimeError) as exc:  # a full disk: shards, merge, list file
+            raise self._write_failed(work, exc) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         _set_search_knobs(index)
@@ -414,6 +416,8 @@ class VectorIndex:
             final = self.directory / f"{self.kind}-{generation}-{secrets.token_hex(4)}.ivfdata"
             os.replace(work / source.name, final)
             _lists(index).filename = str(final)
+        except (OSError, RuntimeError) as exc:  # no room for the copy
+            raise self._write_failed(work, exc) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         _set_search_knobs(index)
@@ -489,11 +493,7 @@ class VectorIndex:
             atomic_write(final, lambda tmp: _faiss().write_index(self.index, str(tmp)),
                          crash_point="save")
         except (OSError, RuntimeError) as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise IndexWriteFailed(
-                f"could not write the {self.kind} index {final} ({reason}); the previous index "
-                f"file is kept and the store holds every vector: free some space in "
-                f"{self.directory} and run the command again") from None
+            raise self._write_failed(final, exc) from None
         for entry in self.directory.iterdir():
             m = _FILE.match(entry.name)
             # newer files are another process's (a writer, or a reader that caught up)
@@ -505,6 +505,14 @@ class VectorIndex:
                 entry.unlink(missing_ok=True)
         remove_stale_temps(self.directory, prefix=f"{self.kind}-")
         return final
+
+    def _write_failed(self, target: Path, exc: Exception) -> IndexWriteFailed:
+        """What a failed index write (a full disk, most often) tells the user."""
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return IndexWriteFailed(
+            f"could not write the {self.kind} index {target} ({reason}); the previous index "
+            f"file is kept and the store holds every vector: free some space in "
+            f"{self.directory} and run the command again")
 
     def save_quietly(self) -> bool:
         """Save if the folder is writable: readers may write index files (derived data), so
