@@ -79,13 +79,19 @@ def test_past_the_line_the_lists_are_a_file_merged_from_shards(tmp_path, on_disk
     assert capfd.readouterr().out == ""
 
 
-def test_a_writer_changes_a_copy_and_readers_keep_answering(tmp_path, on_disk_line):
+def _on_disk_library(tmp_path: Path, seed: int):
+    """A store of N vectors and its on-disk index, saved: (store, vectors, folder, lists)."""
     store = _store(tmp_path)
-    data = _clustered(N, seed=42)
+    data = _clustered(N, seed=seed)
     _add(store, data, 0)
     folder = tmp_path / "vectors"
     VectorIndex.open(store, "image", DIM, folder, save=True)
-    (old_lists,) = folder.glob("*.ivfdata")
+    (lists,) = folder.glob("*.ivfdata")
+    return store, data, folder, lists
+
+
+def test_a_writer_changes_a_copy_and_readers_keep_answering(tmp_path, on_disk_line):
+    store, data, folder, old_lists = _on_disk_library(tmp_path, seed=42)
     reader = VectorIndex.open(store, "image", DIM, folder, mmap=True)
     before = _search(reader, data[:10])
 
@@ -119,12 +125,7 @@ def test_a_writer_changes_a_copy_and_readers_keep_answering(tmp_path, on_disk_li
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_a_damaged_list_file_is_rebuilt_from_the_store_with_a_notice(tmp_path, on_disk_line,
                                                                      how):
-    store = _store(tmp_path)
-    data = _clustered(N, seed=45)
-    _add(store, data, 0)
-    folder = tmp_path / "vectors"
-    VectorIndex.open(store, "image", DIM, folder, save=True)
-    (lists,) = folder.glob("*.ivfdata")
+    store, data, folder, lists = _on_disk_library(tmp_path, seed=45)
     if how == "truncated":
         os.truncate(lists, lists.stat().st_size // 2)
     else:
