@@ -260,6 +260,13 @@ class VectorIndex:
         if generation == self.generation and self.generation >= 0 and not (
                 self.rebuilds and _needs_rebuild(self.factory, self.size, self.dim)):
             return False
+        if self.on_disk and not self.rebuilds:  # before reading every id of the store
+            if self.newest_file(self.directory, self.kind)[1] > self.generation:
+                self._load_in_memory()  # a writer's newer header: map the lists it names
+                if self.generation == generation:
+                    return True
+            elif generation == self._lag_seen:
+                return False  # still lagging, already said
         if self.mapped_from is not None:  # a mapped index is read-only: load a copy first
             self._load_in_memory()
         store_ids = store.ids(self.kind)
@@ -271,13 +278,6 @@ class VectorIndex:
         if not self.index.is_trained or (wrong_type and self.rebuilds):
             self.rebuild(store, generation=generation, progress=progress)
             return True
-        if self.on_disk and not self.rebuilds and \
-                self.newest_file(self.directory, self.kind)[1] > self.generation:
-            self._load_in_memory()  # a writer's newer header: map the lists it names
-            if self.generation == generation:
-                return True
-        if self.on_disk and not self.rebuilds and generation == self._lag_seen:
-            return False  # still lagging, already said
         have = _index_ids(self.index)
         missing = np.setdiff1d(store_ids, have, assume_unique=True)
         gone = np.setdiff1d(have, store_ids, assume_unique=True)
