@@ -180,7 +180,7 @@ def scenes(ctx: click.Context, directory: Path, count: int, seed: int, size: int
 
 
 @main.command("index")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @model_options
 @click.option("--exclude", multiple=True, metavar="GLOB",
               help="Skip files or folders matching GLOB (relative path or name); repeatable.")
@@ -192,11 +192,26 @@ def scenes(ctx: click.Context, directory: Path, count: int, seed: int, size: int
 @click.option("--rehash", is_flag=True,
               help="Also hash files whose size and mtime are unchanged; re-embed any whose "
                    "content differs (reads every file).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Decode and embed on a Ray cluster (the `ray` extra): ADDRESS is its head's "
+                   "HOST:PORT (as `ray start --head` prints), ray://HOST:PORT or auto; "
+                   "without one, a local Ray instance for this run. Every node must see the "
+                   "photos under the same paths.")
+@click.option("--ray-workers", type=click.IntRange(1), metavar="N",
+              help="Model workers on Ray [default: the cluster's CPUs, or GPUs with "
+                   "--ray-gpus].")
+@click.option("--ray-gpus", type=click.FloatRange(0, min_open=True), metavar="G",
+              help="GPUs per model worker; decoding then runs in separate CPU workers.")
+@click.option("--ray-decoders", type=click.IntRange(1), metavar="N",
+              help="Separate decoder workers feeding the model workers [default: none on "
+                   "CPUs; the CPUs left over with --ray-gpus].")
 @json_option
 @click.pass_context
 def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, precision: str,
               exclude: tuple[str, ...], include_hidden: bool, workers: int | None,
-              retry_failed: bool, rehash: bool, as_json: bool) -> None:
+              retry_failed: bool, rehash: bool, ray_address: str | None,
+              ray_workers: int | None, ray_gpus: float | None, ray_decoders: int | None,
+              as_json: bool) -> None:
     """Index the images under PATHS (incremental: only new or changed files are embedded).
 
     A file counts as changed when its size or mtime changed (--rehash also compares content).
@@ -205,9 +220,22 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
     error, or with --retry-failed. Exits 3 while files under PATHS remain unindexed because
     they failed (now or before), 0 when everything is indexed, 130 when interrupted (Ctrl-C:
     every batch saved so far stays, and running it again continues from there).
+
+    With --ray the scan, the plan and the commits stay in this process and decoding and
+    embedding fan out over Ray workers (Ray Data), with the same outcome as without it.
     """
     from tqdm import tqdm
 
+    ray, folder = _ray_options(ray_address, ray_workers, ray_gpus, ray_decoders)
+    if folder is not None:
+        paths = (folder,) + paths  # `--ray photos/`: a folder, not an address
+    if not paths:
+        raise click.UsageError("Missing argument 'PATHS...'.")
+    if ray is not None and ray.address is not None:
+        from index.distributed import ray_session
+
+        # join the cluster before the library is opened: a refusal writes nothing
+        ctx.with_resource(ray_session(ray))
     library = _library(ctx)
     bar = tqdm(total=0, unit="img", disable=not _progress_enabled(ctx), file=sys.stderr,
                desc="embedding")
@@ -231,7 +259,8 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
     try:
         report = library.index(paths, model=model, exclude=exclude, precision=precision,
                                include_hidden=include_hidden, workers=workers,
-                               retry_failed=retry_failed, rehash=rehash, progress=progress)
+                               retry_failed=retry_failed, rehash=rehash, progress=progress,
+                               ray=ray)
     except KeyboardInterrupt:
         bar.close()
         embedded = saved["new"] + saved["changed"]
@@ -270,6 +299,30 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
             click.echo(f"  … and {len(report.failures) - 20} more (clipdex failures)", err=True)
     if report.failures_remain:
         ctx.exit(EXIT_PARTIAL)
+
+
+def _ray_options(address: str | None, workers: int | None, gpus: float | None,
+                 decoders: int | None):
+    """(RayOptions, a folder click took for the address) for `index --ray`, checked before
+    the library is opened: a missing extra or an unreachable address is one line and writes
+    nothing."""
+    if address is None:
+        if workers or gpus or decoders:
+            raise click.UsageError("--ray-workers, --ray-gpus and --ray-decoders go with --ray")
+        return None, None
+    from index.distributed import RayOptions, check_address, looks_like_address
+
+    folder = None
+    if address != "local" and not looks_like_address(address):
+        if not os.path.exists(address):  # neither a cluster address nor a folder
+            raise click.BadParameter(f"{address!r} is not HOST:PORT, ray://HOST:PORT or auto",
+                                     param_hint="'--ray'")
+        folder, address = Path(address), "local"  # `--ray photos/`: a folder, not an address
+    options = RayOptions(address=None if address == "local" else address, workers=workers,
+                         gpus=gpus or 0.0,
+                         decode="actors" if decoders else "auto", decoders=decoders)
+    check_address(options.address)
+    return options, folder
 
 
 @main.group()

@@ -40,7 +40,7 @@ from .scan import (
 from .settings import DECODE_NICE
 from .store import FailureRow, ImageRow, Store, failure_reason, now, rows_under
 
-__all__ = ["IngestProgress", "IngestReport", "ingest_images"]
+__all__ = ["IngestProgress", "IngestReport", "RayJob", "ingest_images"]
 
 BATCH_SIZE = 64
 # A file whose decoding takes longer than this is recorded as a failure and the run goes on
@@ -89,6 +89,7 @@ class IngestReport:
     export_seconds: float = 0.0  # of total_seconds, exporting the model for queries
     metadata: dict = field(default_factory=dict)  # photo metadata read this run (_MetaCounts)
     tagged: int = 0  # images given zero-shot tags this run (once a library has tags)
+    ray: dict = field(default_factory=dict)  # --ray: the cluster, its workers, start time
 
     @property
     def failures_remain(self) -> bool:
@@ -109,7 +110,7 @@ class IngestReport:
             if self.seconds else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
             "metadata": self.metadata, "tagged": self.tagged,
-            "index": self.index,
+            "index": self.index, **({"ray": self.ray} if self.ray else {}),
         }
 
 
@@ -314,6 +315,7 @@ def ingest_images(
     decode_gate: bool = True,
     decode_nice: int = DECODE_NICE,
     progress: ProgressFn | None = None,
+    ray: "RayJob | None" = None,
 ) -> IngestReport:
     """Bring the store's images under `roots` in line with the files on disk.
 
@@ -322,6 +324,8 @@ def ingest_images(
     when their file changes, when the reason was a permission error, or with `retry_failed`.
     `embedder` may be a zero-argument factory, called only when something needs embedding.
     `decode_gate` and `decode_nice` are Settings' (how decoders share a CPU with the model).
+    With `ray`, decoding and embedding run on a Ray cluster (index.distributed) and
+    `embedder` is not used; planning and commits are the same.
     """
     started = time.perf_counter()
     roots = [Path(r) for r in roots]
@@ -338,11 +342,17 @@ def ingest_images(
     # folders that could not be listed are reported each run; files that failed are recorded
     failures: list[tuple[str, str]] = [(e.path, e.reason) for e in scan_errors if e.folder]
     counts["failed"] += len(failures)
-    if plan.to_embed and not is_embedder(embedder):
-        embedder = embedder()  # an unchanged tree never pays for loading the model
-    _embed_planned(store, embedder, plan, counts, failures, meta, workers=workers,
-                   batch_size=batch_size, gate=_gate_for(embedder, decode_gate),
-                   nice=decode_nice, progress=progress)
+    ray_report: dict = {}
+    ray_start = 0.0  # starting the cluster and its workers' model load: reported apart
+    if ray is not None:
+        ray_report, ray_start = _embed_planned_ray(store, ray, plan, counts, failures, meta,
+                                                   batch_size=batch_size, progress=progress)
+    else:
+        if plan.to_embed and not is_embedder(embedder):
+            embedder = embedder()  # an unchanged tree never pays for loading the model
+        _embed_planned(store, embedder, plan, counts, failures, meta, workers=workers,
+                       batch_size=batch_size, gate=_gate_for(embedder, decode_gate),
+                       nice=decode_nice, progress=progress)
     _backfill_meta(store, plan, meta, workers=workers, progress=progress)
     removed = _remove_vanished(store, plan) + counts["removed"]
     with store.session() as s, s.begin():
@@ -351,8 +361,9 @@ def ingest_images(
         new=counts["new"], changed=counts["changed"], unchanged=plan.unchanged,
         moved=counts["moved"], removed=removed, failed=counts["failed"],
         skipped_failed=plan.skipped_failed, rehashed=rehashed,
-        seconds=time.perf_counter() - started, failures=tuple(failures),
-        metadata=meta.as_dict())
+        seconds=time.perf_counter() - started - ray_start, failures=tuple(failures),
+        metadata=meta.as_dict(), ray=ray_report,
+        model_load_seconds=ray_report.get("model_load_seconds", 0.0))
 
 
 def _scan_and_plan(store: Store, roots: list[Path], *, exclude: Iterable[str],
@@ -524,21 +535,101 @@ def _take(item: tuple[FoundFile, Future], batch: _Batch, plan: _Plan) -> bool:
         batch.failures.append((f, str(result)))
         return False
     decoded, tensor = result
-    moved_ids = plan.vanished_by_hash.get(decoded.content_hash)
+    if not _moved(f, decoded.content_hash, batch, plan):
+        batch.files.append(f)
+        batch.decoded.append(decoded)
+        batch.tensors.append(tensor)
+    return False
+
+
+def _moved(f: FoundFile, content_hash: str, batch: _Batch, plan: _Plan) -> bool:
+    """Whether `f` is a vanished row's bytes under a new name (then a move in the batch)."""
+    moved_ids = plan.vanished_by_hash.get(content_hash)
     if moved_ids and f.path not in plan.changed_ids:
         moved_id = moved_ids.pop()
         del plan.vanished[moved_id]
         batch.moves.append((moved_id, f))  # same bytes under a new name: keep the vector
-        return False
-    batch.files.append(f)
-    batch.decoded.append(decoded)
-    batch.tensors.append(tensor)
+        return True
     return False
 
 
-def _commit(store: Store, embedder: Embedder, batch: _Batch, plan: _Plan, counts: dict,
-            failures: list[tuple[str, str]], meta: _MetaCounts, gate: _Turns | None) -> None:
-    vectors = None
+@dataclass(frozen=True)
+class RayJob:
+    """ingest_images(ray=…): the library's model and how to use the cluster."""
+
+    spec: str
+    precision: str
+    options: object  # index.distributed.RayOptions
+
+
+def _embed_planned_ray(store: Store, job: RayJob, plan: _Plan, counts: dict,
+                       failures: list[tuple[str, str]], meta: _MetaCounts, *, batch_size: int,
+                       progress: ProgressFn | None) -> tuple[dict, float]:
+    """What `_embed_planned` does, with decoding and the model on Ray workers; the commits
+    are the same, in the same order. Returns the report's `ray` entry and the seconds taken
+    to start or join the cluster (reported apart, as a model load is)."""
+    import pickle
+
+    import numpy as np
+
+    from . import distributed
+
+    by_path = {f.path: f for f in plan.to_embed}
+    total = len(plan.to_embed) + len(plan.scan_failures)
+
+    def flush(batch: _Batch, vectors: list) -> None:
+        try:
+            _commit(store, None, batch, plan, counts, failures, meta, None,
+                    vectors=np.stack(vectors) if vectors else None)
+        except IntegrityError:
+            _raise_if_concurrent(store, batch)
+            raise
+        if progress:
+            done = counts["new"] + counts["changed"] + counts["moved"] + counts["failed"]
+            progress(IngestProgress("embed", done, total, dict(counts)))
+
+    if not plan.to_embed:
+        if plan.scan_failures:
+            batch = _Batch()
+            batch.failures.extend(plan.scan_failures)
+            flush(batch, [])
+        return {}, 0.0
+    entered = time.perf_counter()
+    with distributed.ray_session(job.options) as ray:
+        entering = time.perf_counter() - entered  # ~0 when the CLI joined the cluster first
+        run = distributed.RayRun(address=job.options.address or "local", workers=0,
+                                 layout=job.options.layout, decoders=0,
+                                 start_seconds=distributed.start_seconds)
+        batch, vectors = _Batch(), []
+        batch.failures.extend(plan.scan_failures)
+        for out in distributed.embed_on_ray(ray, [f.path for f in plan.to_embed], job.spec,
+                                            job.precision, job.options, batch_size, run):
+            run.model_load_seconds = max(run.model_load_seconds, float(out["load_s"].max()))
+            for path, status, reason, info, vector in zip(
+                    out["path"], out["status"], out["reason"], out["info"], out["vector"]):
+                f = by_path[str(path)]
+                if status == "vanished":
+                    batch.vanished.append(f)
+                elif status == "failed":
+                    batch.failures.append((f, str(reason)))
+                else:
+                    decoded = pickle.loads(info)
+                    if not _moved(f, decoded.content_hash, batch, plan):
+                        batch.files.append(f)
+                        batch.decoded.append(decoded)
+                        vectors.append(vector)
+                if len(batch) >= batch_size:  # the single-process path's batches, exactly
+                    flush(batch, vectors)
+                    batch, vectors = _Batch(), []
+        if len(batch):
+            flush(batch, vectors)
+    return run.as_dict(), entering + run.model_load_seconds
+
+
+def _commit(store: Store, embedder: Embedder | None, batch: _Batch, plan: _Plan, counts: dict,
+            failures: list[tuple[str, str]], meta: _MetaCounts, gate: _Turns | None,
+            vectors=None) -> None:
+    """Embed the batch (unless `vectors` come with it: --ray) and commit it whole."""
     if batch.tensors:
         faults.crash_test_hook("embed")
         with gate.model() if gate is not None else contextlib.nullcontext():

@@ -7,15 +7,19 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic import remove_stale_temps
 from .captions import MAX_CAPTION_CHARS, CaptionReport, add_captions
 from .embedder import Embedder, get_embedder, uses_open_clip
 from .errors import ClipdexError, EmptyLibrary, LibraryUnavailable, ModelUnavailable, NoLibrary
-from .ingest import IngestProgress, IngestReport, ProgressFn, ingest_images
+from .ingest import IngestProgress, IngestReport, ProgressFn, RayJob, ingest_images
 from .settings import DEFAULT_MODEL, Settings
 from .store import Store, StoredFailure, check_model
 from .vectors import VectorIndex, notice_on_stderr
+
+if TYPE_CHECKING:
+    from .distributed import RayOptions
 
 __all__ = ["Failure", "Library"]
 
@@ -228,7 +232,8 @@ class Library:
               exclude: Iterable[str] = (), include_hidden: bool = False,
               precision: str | None = None, workers: int | None = None,
               retry_failed: bool = False, rehash: bool = False,
-              progress: ProgressFn | None = None, save_index: bool = True) -> IngestReport:
+              progress: ProgressFn | None = None, save_index: bool = True,
+              ray: "RayOptions | None" = None) -> IngestReport:
         """Index (incrementally) the images under `paths`; returns what changed.
 
         A file is unchanged while its size and mtime are; `rehash` also compares content
@@ -239,6 +244,9 @@ class Library:
         rewritten whole each time (2 GB at a million ViT-B-32 images); `save_indexes()` writes
         them. Nothing is lost meanwhile: the store holds every vector, and whoever opens the
         saved file catches it up.
+
+        With `ray` (index.distributed.RayOptions) decoding and embedding run on a Ray cluster
+        (a local instance when it names no address); planning and commits stay here.
         """
         started = time.perf_counter()
         model = model or self.settings.model
@@ -252,20 +260,29 @@ class Library:
             finally:
                 loading.append(time.perf_counter() - load_started)
 
+        if ray is not None:
+            from .distributed import check_address
+
+            check_address(ray.address)  # one line before anything is loaded or written
         if recorded is not None:
             check_model(recorded[0], model or recorded[0])
             embedder: Embedder | Callable[[], Embedder] = timed_load  # only if needed
             dim = recorded[1]
+            spec = recorded[0]
         else:
             embedder = self._claim(model, precision)
             loading.append(time.perf_counter() - started)
             dim = embedder.dim
+            spec = embedder.spec
+        job = None if ray is None else \
+            RayJob(spec, precision or self.settings.precision, ray)
         report = ingest_images(self.store, embedder, [Path(p) for p in paths], exclude=exclude,
                                include_hidden=include_hidden,
                                workers=workers or self.settings.workers,
                                retry_failed=retry_failed, rehash=rehash,
                                decode_gate=self.settings.decode_gate,
-                               decode_nice=self.settings.decode_nice, progress=progress)
+                               decode_nice=self.settings.decode_nice, progress=progress,
+                               ray=job)
         def note(message: str) -> None:  # a rebuild after crossing a threshold says so
             if progress:
                 progress(IngestProgress("index", 0, 0, {"index": message}))
@@ -282,7 +299,8 @@ class Library:
         lazy = load if recorded is not None else 0.0  # a lazy load ran inside the ingest
         return replace(report, index={"images": images.describe(),
                                       "captions": captions.describe()},
-                       seconds=max(0.0, report.seconds - lazy), model_load_seconds=load,
+                       seconds=max(0.0, report.seconds - lazy),
+                       model_load_seconds=load + report.model_load_seconds,  # + Ray workers
                        total_seconds=time.perf_counter() - started, queries=queries,
                        export_seconds=export_seconds, tagged=tagged)
 
