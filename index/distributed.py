@@ -174,13 +174,15 @@ def ray_session(options: RayOptions) -> Iterator[object]:
     quiet = logging.getLogger().getEffectiveLevel() > logging.INFO  # not --verbose
     if ray.is_initialized():
         with _without_ray_notes([]) if quiet else contextlib.nullcontext(), \
-                _ray_messages_on_stderr(ray):
+                _ray_messages_on_stderr(ray, quiet):
             yield ray
         return
     check_address(options.address)
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    # Ray Data's notes ("execution finished", "progress bars disabled") are not the user's
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Ray Data's notes ("execution finished", "progress bars disabled", a failed worker's
+    # traceback: the job's error says it in one line) are not the user's
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     notes: list[bytes] = []
     started = time.perf_counter()
     with _without_ray_notes(notes) if quiet else contextlib.nullcontext():
@@ -197,18 +199,20 @@ def ray_session(options: RayOptions) -> Iterator[object]:
         global start_seconds
         start_seconds = time.perf_counter() - started
         try:
-            with _ray_messages_on_stderr(ray):
+            with _ray_messages_on_stderr(ray, quiet):
                 yield ray
         finally:
             ray.shutdown()
 
 
 @contextlib.contextmanager
-def _ray_messages_on_stderr(ray) -> Iterator[None]:
+def _ray_messages_on_stderr(ray, quiet: bool) -> Iterator[None]:
     """The cluster's messages to the driver ("Task … failed. There are infinite retries
-    remaining…" when a worker dies) on stderr, not stdout: stdout is the --json report's.
-    Ray prints them from a thread through `ray._private.worker.print_to_stdstream`; where a
-    Ray version has no such function nothing is changed."""
+    remaining, so the task will be retried" when a worker dies) on stderr, not stdout: stdout
+    is the --json report's. `quiet` (not --verbose): each message's first line, without the
+    worker's traceback (a job that fails says why in one line of its own). Ray prints them
+    from a thread through `ray._private.worker.print_to_stdstream`; where a Ray version has
+    no such function nothing is changed."""
     worker = getattr(getattr(ray, "_private", None), "worker", None)
     original = getattr(worker, "print_to_stdstream", None)
     if original is None:
@@ -216,7 +220,11 @@ def _ray_messages_on_stderr(ray) -> Iterator[None]:
         return
 
     def to_stderr(data, *args, **kwargs):
-        return original(dict(data, is_err=True), *args, **kwargs)
+        lines = data.get("lines", [])
+        if quiet:
+            lines = [str(line).partition(" Error: ")[0].splitlines()[0]
+                     for line in lines if str(line).strip()]
+        return original(dict(data, is_err=True, lines=lines), *args, **kwargs)
 
     worker.print_to_stdstream = to_stderr
     try:
@@ -475,12 +483,21 @@ def embed_on_ray(ray, paths: list[str], spec: str, precision: str, options: RayO
                         f"before are kept; run the command again to continue)") from None
 
 
+# the last line of a worker's traceback, as Ray puts it in its errors' text
+_RAISED = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>[A-Za-z_]\w*(?:Error|Exception|"
+                     r"Unavailable|Mismatch|Failed|Problem|Extra))(?::\s?(?P<message>.*))?$")
+
+
 def _ray_cause(exc: BaseException) -> str:
-    """The user's error inside Ray's wrappers (a worker's ModelUnavailable, say)."""
-    seen = exc
-    while True:
-        cause = getattr(seen, "cause", None) or seen.__cause__
-        if cause is None or cause is seen:
-            break
-        seen = cause
-    return _first_line(seen)
+    """The error behind Ray's wrappers (a worker's ClipdexError, say): the last exception line
+    of the innermost traceback in the chain of `exc`'s causes and contexts, in one line."""
+    chain, seen = [], exc
+    while seen is not None and seen not in chain and len(chain) < 20:
+        chain.append(seen)
+        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+    for error in chain:
+        raised = [m for m in map(_RAISED.match, str(error).splitlines()) if m]
+        if raised:
+            last = raised[-1]
+            return f"{last['name']}: {last['message'] or ''}".rstrip(": ")
+    return next((_first_line(e) for e in chain if str(e).strip()), _first_line(exc))

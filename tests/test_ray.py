@@ -250,6 +250,21 @@ def test_local_instance_with_separate_decoders(photos, tmp_path):
     assert_same_library(snapshot(reference), snapshot(home))
 
 
+def test_a_worker_that_cannot_load_the_model_fails_the_run_in_one_line(photos, tmp_path):
+    """As when a node lacks the model's weights: exit 1, the worker's own error, no
+    traceback; the library keeps its model, with nothing indexed."""
+    plugins = SUBPROCESS_ENV["CLIPDEX_PLUGINS"] + ",clipdex_ray_worker_failure"
+    done = clipdex("--home", str(tmp_path / "home"), "index", str(photos), "--model", "nodisk",
+                   "--ray", "--ray-workers", "1", CLIPDEX_PLUGINS=plugins)
+    assert done.returncode == 1
+    error = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert error == ["Error: the Ray job failed: ModelUnavailable: cannot load model 'nodisk': "
+                     "its weights are not on this node (the batches committed before are "
+                     "kept; run the command again to continue)"], done.stderr
+    assert "Traceback" not in done.stderr
+    assert _image_count(tmp_path / "home") == 0
+
+
 def test_unreachable_address_is_one_line_and_writes_nothing(tmp_path):
     home = tmp_path / "home"
     port = _free_port()  # nobody listens there
