@@ -13,11 +13,11 @@ Two layouts (`RayOptions.decode`):
 - "actor": each model actor decodes its own batch, then embeds it. On CPUs this is the one
   that scales: a worker is one process doing one photo's whole work, nothing crosses the
   object store but paths, vectors and a few fields.
-- "actors": a separate pool of CPU decoder actors (each holds the model's preprocessing only
-  in the sense that it loads the embedder once and uses `prepare`) feeds the model actors
-  prepared pixels. This is the GPU layout: an H200 runs the tiny model at 7.7k img/s but one
-  16-core node decodes 1 MP photos at ~280 img/s (bench/gpu_ingest.py), so decoding must be
-  spread over many CPU workers, on any node, while the GPU actor only runs the model.
+- "actors": a separate pool of CPU decoder actors feeds the model actors prepared pixels
+  (each decoder loads the embedder once, on the CPU, for its `prepare`). This is the GPU
+  layout: an H200 runs the model at 7.7k img/s but one 16-core node decodes 1 MP photos at
+  ~280 img/s (bench/gpu_ingest.py), so decoding must be spread over many CPU workers, on any
+  node, while the GPU actor only runs the model.
 
 Workers open photos by the paths the driver found: on a cluster of several machines every node
 must see the library's folders under the same paths (a shared or network file system), and
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import faults
-from .errors import ClipdexError, MissingExtra, UsageProblem
+from .errors import ClipdexError, MissingExtra, RayFailed, RayUnavailable, UsageProblem
 
 __all__ = ["RayFailed", "RayOptions", "RayUnavailable", "check_address", "embed_on_ray",
            "import_ray", "looks_like_address", "ray_session"]
@@ -59,19 +59,6 @@ start_seconds = 0.0
 MAX_BLOCKS = 4096
 # environment variables handed to the workers (plugins, test fault hooks, model caches)
 _PASSED_ENV_PREFIXES = ("CLIPDEX_", "HF_", "HUGGINGFACE_", "TORCH_HOME", "XDG_CACHE_HOME")
-
-
-class RayUnavailable(ClipdexError):
-    """The Ray cluster named by `--ray ADDRESS` cannot be reached, or a local one started."""
-
-    http_status = 503
-
-
-class RayFailed(ClipdexError):
-    """The Ray job failed (a worker could not load the model, the cluster went away). The
-    batches committed before are kept; a rerun continues from there."""
-
-    http_status = 503
 
 
 @dataclass(frozen=True)
@@ -181,15 +168,18 @@ def ray_session(options: RayOptions) -> Iterator[object]:
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     # Ray Data's notes ("execution finished", "progress bars disabled", a failed worker's
     # traceback: the job's error says it in one line) are not the user's
+    data_logger = logging.getLogger("ray.data")
+    data_level = data_logger.level
     if quiet:
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+        data_logger.setLevel(logging.CRITICAL)
     notes: list[bytes] = []
     started = time.perf_counter()
     with _without_ray_notes(notes) if quiet else contextlib.nullcontext():
         try:
             if options.address in (None, "local"):
                 # "local": a new instance even when `ray start` left one on this machine
-                ray.init(address="local", num_cpus=options.local_cpus, **kwargs)
+                ray.init(address="local", num_cpus=options.local_cpus,
+                         **_short_temp_dir(), **kwargs)
             else:
                 ray.init(address=options.address, **kwargs)
         except ClipdexError:
@@ -203,6 +193,7 @@ def ray_session(options: RayOptions) -> Iterator[object]:
                 yield ray
         finally:
             ray.shutdown()
+            data_logger.setLevel(data_level)
 
 
 @contextlib.contextmanager
@@ -222,7 +213,7 @@ def _ray_messages_on_stderr(ray, quiet: bool) -> Iterator[None]:
     def to_stderr(data, *args, **kwargs):
         lines = data.get("lines", [])
         if quiet:
-            lines = [str(line).partition(" Error: ")[0].splitlines()[0]
+            lines = [(str(line).partition(" Error: ")[0].strip().splitlines() or [""])[0]
                      for line in lines if str(line).strip()]
         return original(dict(data, is_err=True, lines=lines), *args, **kwargs)
 
@@ -231,6 +222,20 @@ def _ray_messages_on_stderr(ray, quiet: bool) -> Iterator[None]:
         yield
     finally:
         worker.print_to_stdstream = original
+
+
+# Ray's sockets live under TEMP/ray/session_<date>_<time>_<pid>/sockets/plasma_store, and a
+# Unix socket's path is at most 107 bytes: a long TMPDIR (pytest's, a CI runner's) fails
+# ray.init with "AF_UNIX path length cannot exceed 107 bytes"
+_RAY_SESSION_SUFFIX = len("/ray/session_2026-12-02_22-53-11_627748_6907999/sockets/plasma_store")
+
+
+def _short_temp_dir() -> dict:
+    import tempfile
+
+    if len(tempfile.gettempdir()) + _RAY_SESSION_SUFFIX <= 107:
+        return {}
+    return {"_temp_dir": f"/tmp/ray-{os.getuid()}" if hasattr(os, "getuid") else "/tmp/ray"}
 
 
 def _init_failed(address: str | None, exc: Exception, notes: list[bytes]) -> str:

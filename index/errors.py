@@ -20,6 +20,8 @@ __all__ = [
     "IndexWriteFailed",
     "NotFound",
     "PriorNotTrained",
+    "RayFailed",
+    "RayUnavailable",
     "TooLarge",
     "UsageProblem",
 ]
@@ -82,6 +84,20 @@ class ConcurrentWriter(ClipdexError):
     while this run was embedding them. What both committed is kept; a rerun completes."""
 
     http_status = 409
+
+
+class RayUnavailable(ClipdexError):
+    """`index --ray`: the cluster at the address cannot be reached or refuses this driver, or
+    a local Ray instance cannot start. Nothing was written."""
+
+    http_status = 503
+
+
+class RayFailed(ClipdexError):
+    """`index --ray`: the Ray job failed (a worker could not load the model, the cluster went
+    away). The batches committed before are kept; a rerun continues from there."""
+
+    http_status = 503
 
 
 class CaptionFileError(ClipdexError):
