@@ -566,8 +566,9 @@ def _embed_planned_ray(store: Store, job: RayJob, plan: _Plan, counts: dict,
                        failures: list[tuple[str, str]], meta: _MetaCounts, *, batch_size: int,
                        progress: ProgressFn | None) -> tuple[dict, float]:
     """What `_embed_planned` does, with decoding and the model on Ray workers; the commits
-    are the same, in the same order. Returns the report's `ray` entry and the seconds taken
-    to start or join the cluster (reported apart, as a model load is)."""
+    are the same, in the same order. Returns the report's `ray` entry and the seconds to
+    keep out of `seconds` (reported apart, as a model load is): starting or joining the
+    cluster here, and the slowest worker's model load."""
     import pickle
 
     import numpy as np
