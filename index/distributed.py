@@ -334,15 +334,23 @@ class _Decoder:
         from .ingest import DECODE_TIMEOUT_S, _decode_and_preprocess_now
         from .scan import DecodeFailure, FileVanished
 
-        futures = [self.pool.submit(_decode_and_preprocess_now, str(p), self.min_side,
-                                    self.embedder) for p in paths]
+        def submit(path):
+            return self.pool.submit(_decode_and_preprocess_now, str(path), self.min_side,
+                                    self.embedder)
+
+        futures = [submit(p) for p in paths]
         out = []
-        for future in futures:
+        for i, future in enumerate(futures):
             try:
                 result = future.result(timeout=DECODE_TIMEOUT_S)
             except FutureTimeout:
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = self._new_pool()
+                # its thread stays stuck: a new pool for the rest, the files queued behind
+                # it submitted again (those running on other threads finish where they are)
+                stuck, self.pool = self.pool, self._new_pool()
+                stuck.shutdown(wait=False, cancel_futures=True)
+                for j in range(i + 1, len(futures)):
+                    if futures[j].cancelled():
+                        futures[j] = submit(paths[j])
                 out.append(("failed", f"decoding took longer than {DECODE_TIMEOUT_S:.0f} s "
                             f"(a hung file system or a pathological image); skipped", b"", None))
                 continue

@@ -309,3 +309,32 @@ def test_missing_ray_extra_names_it(tmp_path):
     assert done.stderr.strip() == ("Error: --ray needs Ray Data (ray is not installed): "
                                    "pip install 'clipdex[ray]'")
     assert not (tmp_path / "h").exists()
+
+
+def test_a_hung_decode_in_a_worker_is_a_failure_and_the_batch_goes_on(monkeypatch, photos):
+    """A worker's decoder (no Ray needed to test it): the file stuck past the timeout is
+    recorded, the files queued behind it are decoded all the same."""
+    import threading
+
+    from clipdex_test_embedder import StubEmbedder
+
+    import index.ingest as ingest
+    from index.distributed import _Decoder
+
+    paths = sorted(str(p) for p in photos.glob("scene_*.jpg"))[:4]
+    release = threading.Event()
+    real = ingest._decode_and_preprocess_now
+
+    def decode(path, min_side, embedder):
+        if path == paths[1]:
+            release.wait(10)  # a file on a hung mount
+        return real(path, min_side, embedder)
+
+    monkeypatch.setattr(ingest, "DECODE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(ingest, "_decode_and_preprocess_now", decode)
+    try:
+        rows = _Decoder(StubEmbedder.load(TEST_MODEL), threads=1).decode(paths)
+    finally:
+        release.set()
+    assert [r[0] for r in rows] == ["ok", "failed", "ok", "ok"]
+    assert rows[1][1].startswith("decoding took longer than 0 s")
