@@ -63,6 +63,16 @@ def client(searcher):
                       raise_server_exceptions=False)
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (until someone binds it): for a server a
+    test starts, or for a connection that must be refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_embedder():
     from index.embedder import get_embedder

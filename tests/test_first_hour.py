@@ -28,6 +28,7 @@ import pytest
 from click.testing import CliRunner
 from clipdex_test_embedder import NAME as TEST_MODEL
 from clipdex_test_embedder import SUBPROCESS_ENV, StubEmbedder
+from conftest import free_port
 
 import cli
 from index import Library
@@ -54,13 +55,6 @@ def _clipdex(*args: object, env: dict | None = None, timeout: float = 120,
 def _offline_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     return {**env, "PYTHONPATH": str(REPO), **extra}
-
-
-def _closed_port() -> int:
-    """A port on 127.0.0.1 nothing listens on: connecting is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the default model without a hub ---------------------------------------------------------
@@ -119,7 +113,7 @@ def test_an_unreachable_hub_fails_the_load_at_once_in_one_line(
 def test_the_probe_says_unreachable_for_a_closed_port(monkeypatch: pytest.MonkeyPatch) -> None:
     from index.clip import hub_reachable
 
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     started = time.perf_counter()
@@ -150,7 +144,7 @@ def test_cli_default_model_offline_is_one_clear_line(tmp_path: Path) -> None:
     # a hub that refuses connections (a closed local port): the probe finds out, no retries
     started = time.perf_counter()
     refused = _clipdex("--home", tmp_path / "b", "index", photos,
-                       env=_offline_env(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}"))
+                       env=_offline_env(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}"))
     line = _one_error_line(refused)
     assert "127.0.0.1 cannot be reached" in line and "--model tiny" in line
     assert time.perf_counter() - started < 40  # imports included; the retries alone were ~50 s

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from clipdex_test_embedder import NAME as TEST_MODEL
 from clipdex_test_embedder import SUBPROCESS_ENV
+from conftest import free_port
 from test_crash import COUNT, KILLS, QUERIES, assert_consistent, clipdex, image_rows
 
 import cli
@@ -379,9 +380,7 @@ def test_an_unreachable_server_is_one_line_naming_the_url(tmp_path: Path, where:
     pytest.importorskip("psycopg")
     from sqlalchemy.engine import make_url
 
-    with socket.socket() as s:  # a port nothing listens on once the socket is closed
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     url = {"tcp": f"postgresql+psycopg://clipdex:s3cret@127.0.0.1:{port}/photos",
            "socket": f"postgresql+psycopg://clipdex:s3cret@/photos?host={tmp_path}/none"
                      f"&port=5432"}[where]

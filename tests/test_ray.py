@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from clipdex_test_embedder import NAME as TEST_MODEL
 from clipdex_test_embedder import SUBPROCESS_ENV
+from conftest import free_port
 from sqlalchemy import select
 from test_crash import assert_consistent
 
@@ -33,12 +34,6 @@ pytest.importorskip("ray.data", reason="the `ray` extra is not installed (pip in
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 COUNT = 150  # three batches: 64, 64, 22
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # the cluster's token (Ray's default token authentication), given to it and to every driver
@@ -62,7 +57,7 @@ def clipdex(*args: str, **env: str | None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A one-node Ray cluster as an operator starts one: `ray start --head`, 2 CPUs."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=false", "--disable-usage-stats"],
@@ -267,7 +262,7 @@ def test_a_worker_that_cannot_load_the_model_fails_the_run_in_one_line(photos, t
 
 def test_unreachable_address_is_one_line_and_writes_nothing(tmp_path):
     home = tmp_path / "home"
-    port = _free_port()  # nobody listens there
+    port = free_port()  # nobody listens there
     started = time.monotonic()
     done = clipdex("--home", str(home), "index", str(tmp_path), "--ray", f"127.0.0.1:{port}")
     assert done.returncode == 1

@@ -31,6 +31,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the server extra is not installed")
 from clipdex_test_embedder import NAME as TEST_MODEL  # noqa: E402
 from clipdex_test_embedder import SUBPROCESS_ENV  # noqa: E402
+from conftest import free_port  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 import cli  # noqa: E402
@@ -688,12 +689,6 @@ def test_serve_help_and_missing_extra() -> None:
 LIVE = httpx.Client(timeout=120.0)  # generous: the machine running the tests may be busy
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _raw_get(port: int, target: str) -> tuple[int, bytes]:
     """Send the request line exactly as given: no client-side path normalisation."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
@@ -717,7 +712,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
     write_scenes(root / "first", 12, seed=5)
     with Library.open(root / "home") as lib:
         lib.index([root / "first"], model=TEST_MODEL)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **SUBPROCESS_ENV, "CLIPDEX_HOME": str(root / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
                              "--allow-host", "photos.example"],

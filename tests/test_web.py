@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
 pytest.importorskip("fastapi", reason="the server extra is not installed")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 
+from conftest import free_port  # noqa: E402
+
 from index import Library  # noqa: E402
 from index.synthetic.scenes import write_scenes  # noqa: E402
 from retrieval import Searcher  # noqa: E402
@@ -43,9 +44,7 @@ def _serving(home: Path):
     import uvicorn
 
     searcher = Searcher.open(home)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(searcher), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
