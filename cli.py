@@ -186,7 +186,8 @@ def scenes(ctx: click.Context, directory: Path, count: int, seed: int, size: int
               help="Skip files or folders matching GLOB (relative path or name); repeatable.")
 @click.option("--hidden", "include_hidden", is_flag=True, help="Also index hidden files/folders.")
 @click.option("--workers", type=click.IntRange(1, 64),
-              help="Decoder threads [default: one per core].")
+              help="Decoder threads [default: one per core]; with --ray, each worker "
+                   "decodes on its own CPU instead.")
 @click.option("--retry-failed", is_flag=True,
               help="Retry every recorded failure, even files that have not changed.")
 @click.option("--rehash", is_flag=True,
