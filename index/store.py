@@ -319,16 +319,23 @@ def vector_from_blob(blob: bytes) -> np.ndarray:
     return _vectors_from_blobs([blob])[0]
 
 
-def _vectors_from_blobs(blobs: list[bytes], dtype: np.dtype = VECTOR_DTYPE) -> np.ndarray:
+def _vectors_from_blobs(blobs: list[bytes], dtype: np.dtype = VECTOR_DTYPE,
+                        unit: bool = True) -> np.ndarray:
     """Many stored vectors (all the same length) as one float32 array, decoded at once.
 
-    float16 rounding moves a unit vector's norm by up to ~1e-5; each is scaled back to unit
-    length, so inner products stay cosines (an image scores 1.0 against itself)."""
+    float16 rounding moves a unit vector's norm by up to ~1e-5 (more at low dimensions); each
+    is scaled back to unit length (`unit_rows`), so inner products stay cosines (an image
+    scores 1.0 against itself). With `unit=False` the float16 values come as they are: what
+    a float16 index keeps, so that it gives back exactly these vectors."""
     joined = np.frombuffer(b"".join(blobs), dtype=dtype)
     vectors = joined.reshape(len(blobs), -1).astype(np.float32)
-    if dtype == VECTOR_DTYPE:
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors /= np.where(norms > 0, norms, 1.0)
+    return unit_rows(vectors) if unit and dtype == VECTOR_DTYPE else vectors
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Scale float32 rows to unit length in place (zero rows stay zero); returns them."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors /= np.where(norms > 0, norms, 1.0)
     return vectors
 
 
@@ -511,28 +518,30 @@ class Store:
         return VECTOR_TABLES[kind].__table__, VECTOR_DTYPE
 
     def iter_vectors(self, kind: str, ids: Iterable[int] | None = None,
-                     chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (ids, float32 vectors) chunks, for all rows (in id order) or the given ids."""
+                     chunk: int = 4096, *, unit: bool = True
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (ids, float32 vectors) chunks, for all rows (in id order) or the given ids.
+        `unit=False`: float16 values not scaled to unit length (for float16 indexes)."""
         source, dtype = self._vector_source(kind)
         with self.session() as s:
             if ids is None:
                 rows = s.execute(select(source.c.id, source.c.vector).order_by(source.c.id)
                                  .execution_options(yield_per=chunk))
                 for part in rows.partitions(chunk):
-                    yield _stack(part, dtype)
+                    yield _stack(part, dtype, unit)
                 return
             wanted = [int(i) for i in ids]
             if dtype == VECTOR_DTYPE:  # re-ranking asks for a few hundred on every query
                 for start in range(0, len(wanted), 900):
                     part = self._vector_rows(kind, wanted[start:start + 900])
                     if part:
-                        yield _stack(part, dtype)
+                        yield _stack(part, dtype, unit)
                 return
             for start in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
                 part = s.execute(select(source.c.id, source.c.vector)
                                  .where(source.c.id.in_(wanted[start:start + 900]))).all()
                 if part:
-                    yield _stack(part, dtype)
+                    yield _stack(part, dtype, unit)
 
     def _vector_rows(self, kind: str, ids: list[int]) -> list[tuple]:
         """(id, blob) rows of these ids through the driver's own cursor: 200 random rows in
@@ -1084,9 +1093,10 @@ def failure_reason(reason: str) -> str:
     return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
 
 
-def _stack(rows, dtype: np.dtype = VECTOR_DTYPE) -> tuple[np.ndarray, np.ndarray]:
+def _stack(rows, dtype: np.dtype = VECTOR_DTYPE,
+           unit: bool = True) -> tuple[np.ndarray, np.ndarray]:
     ids = np.array([r[0] for r in rows], dtype=np.int64)
-    return ids, _vectors_from_blobs([r[1] for r in rows], dtype)
+    return ids, _vectors_from_blobs([r[1] for r in rows], dtype, unit)
 
 
 def check_model(recorded: str, requested: str) -> None:

@@ -24,12 +24,13 @@ import numpy as np
 
 from .atomic import atomic_write, fsync_path, remove_stale_temps, temp_path
 from .errors import IndexWriteFailed
-from .store import Store
+from .store import Store, unit_rows
 
 if TYPE_CHECKING:
     import faiss
 
-__all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "add_shard", "describe_index",
+__all__ = ["FLAT_MAX_COMPONENTS", "FP16_EXTRA", "VectorIndex", "add_shard", "codes_of",
+           "describe_index",
            "flat_max_vectors", "index_type_for", "is_on_disk", "merge_shards",
            "read_index_file", "rerank_depth"]
 
@@ -50,6 +51,12 @@ __all__ = ["FLAT_MAX_COMPONENTS", "VectorIndex", "add_shard", "describe_index",
 # Exact search while Flat costs about 2 ms or less (vectors × dim ≤ 10M: 19.5k ViT-B-32 vectors,
 # 78k of the tiny model's), where its exactness is worth more than a millisecond; IVF above.
 FLAT_MAX_COMPONENTS = 10_000_000
+# Flat and IVF keep float16 codes (SQfp16), not float32: the store's own float16 values, so a
+# ViT-B-32 image costs 1 KB of index instead of 2 KB. Their scores are within ~5e-5 of the
+# exact ones (the float16 vector is not scaled to unit length), so the Searcher fetches
+# FP16_EXTRA more candidates than it needs and re-scores them from the vectors the index gives
+# back (`vectors()`: bit for bit the store's). MEASURED_FP16 below.
+FP16_EXTRA = 16
 IVF_SCAN_VECTORS = 8192
 IVF_MIN_NPROBE = 16
 # The largest libraries keep compressed codes, 4-bit fast-scan PQ, and re-rank the best
@@ -113,14 +120,20 @@ def flat_max_vectors(dim: int) -> int:
 def index_type_for(count: int, dim: int) -> str:
     """The index_factory string for a library holding `count` vectors of `dim` floats."""
     if count <= flat_max_vectors(dim):
-        return "IDMap2,Flat"
+        return "IDMap2,SQfp16"
     if count * dim * 4 > COMPRESSED_MIN_BYTES:
         fast_scan = pq_codes(dim)
         on_disk = pq_codes(dim, fast_scan // 2)  # 8-bit codes: the same bytes per vector
         if count * (on_disk + 8) > ONDISK_MIN_BYTES:
             return f"IVF{compressed_nlist(count)},PQ{on_disk}x8"
         return f"IVF{compressed_nlist(count)},PQ{fast_scan}x4fs"
-    return f"IVF{_nlist(count)},Flat"
+    return f"IVF{_nlist(count)},SQfp16"
+
+
+def codes_of(factory: str) -> str:
+    """What an index keeps per vector: "Flat" (float32), "SQfp16" (the store's float16
+    values), or lossy codes ("PQ256x4fs", "PQ128x8")."""
+    return factory.rsplit(",", 1)[-1]
 
 
 def is_on_disk(factory: str) -> bool:
@@ -238,9 +251,7 @@ class VectorIndex:
 
     @classmethod
     def empty(cls, kind: str, dim: int, directory: Path, factory: str) -> "VectorIndex":
-        faiss = _faiss()
-        return cls(kind, dim, directory,
-                   faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT), -1, factory)
+        return cls(kind, dim, directory, new_index(dim, factory), -1, factory)
 
     @staticmethod
     def newest_file(directory: Path, kind: str) -> tuple[Path | None, int]:
@@ -292,7 +303,8 @@ class VectorIndex:
             self._copy_on_write(generation)
         if len(gone):
             self.index.remove_ids(_faiss().IDSelectorBatch(gone))
-        for ids, vectors in store.iter_vectors(self.kind, missing.tolist()):
+        for ids, vectors in store.iter_vectors(self.kind, missing.tolist(),
+                                               unit=not self.keeps_float16):
             self.index.add_with_ids(vectors, ids)
         _set_search_knobs(self.index)  # nprobe follows the size
         self.generation = generation
@@ -337,7 +349,8 @@ class VectorIndex:
         if progress:
             progress(f"adding {count} {self.kind} vectors to {factory}")
         added, step = 0, max(ADD_PROGRESS_EVERY, count // 10)
-        for ids, vectors in store.iter_vectors(self.kind):  # streamed, never loaded whole
+        for ids, vectors in store.iter_vectors(  # streamed, never loaded whole
+                self.kind, unit=not fresh.keeps_float16):
             fresh.index.add_with_ids(vectors, ids)
             added += len(ids)
             if progress and added // step > (added - len(ids)) // step and added < count:
@@ -432,12 +445,31 @@ class VectorIndex:
 
     @property
     def exact(self) -> bool:
-        return self.factory.endswith(",Flat") and not self.factory.startswith("IVF")
+        """Whether every vector is compared with the query (Flat or SQfp16 without IVF lists):
+        with re-scoring (below) the hits are those of exact search over the store."""
+        return not self.factory.startswith("IVF")
 
     @property
     def exact_scores(self) -> bool:
-        """Whether the index keeps full vectors, so the scores it returns need no re-scoring."""
-        return self.factory.endswith(",Flat")
+        """Whether the index keeps float32 vectors, so the scores it returns need no
+        re-scoring (libraries written before SQfp16)."""
+        return codes_of(self.factory) == "Flat"
+
+    @property
+    def keeps_vectors(self) -> bool:
+        """Whether `vectors()` can give back the stored vectors exactly: float32 (Flat), or
+        the store's own float16 values (SQfp16, scaled to unit length as the store does)."""
+        return codes_of(self.factory) in ("Flat", "SQfp16")
+
+    def rescore_depth(self, k: int) -> int:
+        """How many candidates to fetch so that re-scoring them exactly finds the best k:
+        k on float32, k + FP16_EXTRA on float16 (scores within ~5e-5 of exact), rerank_depth
+        on lossy codes."""
+        if self.exact_scores:
+            return k
+        if self.keeps_vectors:
+            return k + FP16_EXTRA
+        return rerank_depth(k, self.size)
 
     @property
     def size(self) -> int:
@@ -470,14 +502,22 @@ class VectorIndex:
         """The stored vectors of these ids (all must be in the index), from the index itself:
         Flat by its id map, IVF by a hash-table direct map made on first use."""
         faiss = _faiss()
-        if not self.exact_scores:
+        if not self.keeps_vectors:
             raise RuntimeError(f"{self.factory} keeps lossy codes: read vectors from the store")
         ids = np.ascontiguousarray(ids, np.int64)
         if not hasattr(self.index, "id_map"):
             ivf = faiss.extract_index_ivf(self.index)
             if ivf.direct_map.type == faiss.DirectMap.NoMap:
                 ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        return self.index.reconstruct_batch(ids)
+        vectors = self.index.reconstruct_batch(ids)
+        # the store's float16 values: scaled to unit length as the store scales them
+        return unit_rows(vectors) if self.keeps_float16 else vectors
+
+    @property
+    def keeps_float16(self) -> bool:
+        """Whether the codes are the store's float16 values, added as they are stored (not
+        scaled to unit length: rounding the scaled vector again could move a value)."""
+        return codes_of(self.factory) == "SQfp16"
 
     # --- saving -----------------------------------------------------------------------------
     def save(self) -> Path:
@@ -485,6 +525,10 @@ class VectorIndex:
         the temp files of writers that were killed. A write that fails (a full disk) keeps the
         previous file and raises IndexWriteFailed."""
         final = self.directory / f"{self.kind}-{self.generation}.faiss"
+        if not hasattr(self.index, "id_map"):  # `vectors()`'s id hash table: 16 B per vector
+            ivf = _faiss().extract_index_ivf(self.index)  # on disk; remade in ms when used
+            if ivf.direct_map.type != _faiss().DirectMap.NoMap:
+                ivf.set_direct_map_type(_faiss().DirectMap.NoMap)
         lists = _lists(self.index)
         keep = Path(lists.filename).name if lists is not None else None
         try:
@@ -634,15 +678,31 @@ def _needs_rebuild(factory: str, count: int, dim: int) -> bool:
     wanted = index_type_for(count, dim)
     if wanted.startswith("IVF") != factory.startswith("IVF"):
         return True
+    if _code_family(wanted) != _code_family(factory):  # float32 to float16, into or out of PQ
+        return True
     if not wanted.startswith("IVF"):
         return False
-    if wanted.endswith(",Flat") != factory.endswith(",Flat"):  # into or out of codes
-        return True
     if is_on_disk(wanted) != is_on_disk(factory):  # lists into or out of their own file
         return True
     have_nlist = int(factory[3:].split(",")[0])
     want_nlist = int(wanted[3:].split(",")[0])
     return not (want_nlist / 4 <= have_nlist <= want_nlist * 4)
+
+
+def _code_family(factory: str) -> str:
+    codes = codes_of(factory)
+    return "PQ" if codes.startswith("PQ") else codes
+
+
+def new_index(dim: int, factory: str) -> "faiss.Index":
+    """An empty index of this factory string, inner product. IVF SQfp16 keeps the vectors
+    themselves, not their residuals from the list centroid: so the codes are the store's
+    float16 values exactly, and `vectors()` gives the store's vectors back bit for bit."""
+    faiss = _faiss()
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if factory.startswith("IVF") and codes_of(factory) == "SQfp16":
+        faiss.downcast_index(faiss.extract_index_ivf(index)).by_residual = False
+    return index
 
 
 def ivf_nprobe(nlist: int, count: int, scan: int = IVF_SCAN_VECTORS) -> int:
@@ -659,7 +719,8 @@ def _set_search_knobs(index: "faiss.Index", count: int | None = None) -> None:
         faiss = _faiss()
         ivf = faiss.extract_index_ivf(index)
         codes = faiss.downcast_index(ivf)
-        scan = IVF_SCAN_VECTORS if type(codes) is faiss.IndexIVFFlat else \
+        scan = IVF_SCAN_VECTORS if type(codes) in (faiss.IndexIVFFlat,
+                                                   faiss.IndexIVFScalarQuantizer) else \
             ONDISK_SCAN_VECTORS if type(codes) is faiss.IndexIVFPQ else COMPRESSED_SCAN_VECTORS
         ivf.nprobe = ivf_nprobe(ivf.nlist, count if count is not None else int(index.ntotal),
                                 scan)
@@ -671,10 +732,14 @@ def describe_index(index: "faiss.Index") -> str:
     faiss = _faiss()
     if hasattr(index, "id_map"):
         inner = faiss.downcast_index(index.index)
-        return "IDMap2," + ("Flat" if isinstance(inner, faiss.IndexFlat) else type(inner).__name__)
+        return "IDMap2," + ("Flat" if isinstance(inner, faiss.IndexFlat) else
+                            "SQfp16" if _is_fp16(inner) else type(inner).__name__)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     if type(ivf) is faiss.IndexIVFFlat:
         codes = "Flat"
+    elif isinstance(ivf, faiss.IndexIVFScalarQuantizer) and _is_fp16(ivf) and \
+            not ivf.by_residual:
+        codes = "SQfp16"
     elif isinstance(ivf, faiss.IndexIVFPQFastScan):
         codes = f"PQ{ivf.pq.M}x{ivf.pq.nbits}fs"
     elif isinstance(ivf, faiss.IndexIVFPQ):
@@ -682,6 +747,12 @@ def describe_index(index: "faiss.Index") -> str:
     else:
         codes = type(ivf).__name__
     return f"IVF{ivf.nlist},{codes}"
+
+
+def _is_fp16(index) -> bool:
+    faiss = _faiss()
+    return isinstance(index, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)) and \
+        index.sq.qtype == faiss.ScalarQuantizer.QT_fp16
 
 
 def _nlist(count: int) -> int:

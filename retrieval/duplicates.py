@@ -34,6 +34,9 @@ CHUNK = 2048  # query vectors per range search
 # PQ256x4fs |error| median 0.037, p99 0.074, max 0.104 (0.091 among pairs above 0.9);
 # 128-d PQ128x4fs 0.006 / 0.029 / 0.057.
 CODE_SLACK = 0.12
+# On float16 codes (SQfp16: the store's values, not scaled to unit length) scores err by at
+# most ~5e-5 (MEASURED_FP16 in index/vectors.py); the pairs are checked the same way.
+FP16_SLACK = 1e-3
 # On IVF the range search visits this many lists per vector, not the query's nprobe (84 at
 # 100k vectors): a copy at cosine ≥ 0.96 sits in its original's list or a neighbour's, and
 # 84 lists made 100k vectors take 95 s (bench/duplicates.py).
@@ -79,14 +82,16 @@ def duplicate_pairs(vi: VectorIndex, chunks: Iterable[tuple[np.ndarray, np.ndarr
     """(a, b) id pairs, a < b, whose vectors' cosine exceeds `threshold`, by range search of
     each chunk of (ids, vectors) against the index (on IVF: DUPLICATE_NPROBE lists each).
 
-    An index of compressed codes is searched CODE_SLACK below the threshold and each pair
-    found is then checked on the stored vectors (`store`), so pairs are exact there too."""
+    An index of float16 or compressed codes is searched FP16_SLACK or CODE_SLACK below the
+    threshold and each pair found is then checked on the stored vectors (`store`), so pairs are
+    exact there too."""
     import faiss
 
     lossy = not vi.exact_scores
     if lossy and store is None:
         raise ValueError("a compressed index needs the store to check its pairs")
-    radius = float(threshold) - (CODE_SLACK if lossy else 0.0)
+    slack = 0.0 if not lossy else FP16_SLACK if vi.keeps_vectors else CODE_SLACK
+    radius = float(threshold) - slack
     params = None
     if not hasattr(vi.index, "id_map"):
         ivf = faiss.extract_index_ivf(vi.index)
@@ -101,7 +106,8 @@ def duplicate_pairs(vi: VectorIndex, chunks: Iterable[tuple[np.ndarray, np.ndarr
         if lossy and keep.any():
             rows = np.repeat(np.arange(len(ids)), counts)[keep]
             theirs = store.vectors_for(vi.kind, np.unique(neighbours[keep]).tolist())
-            exact = np.array([float(vectors[r] @ theirs[int(n)]) if int(n) in theirs else -1.0
+            # FAISS's own kernel, as on float32 codes: an exact copy's cosine of 1 stays at 1
+            exact = np.array([_inner(vectors[r], theirs[int(n)]) if int(n) in theirs else -1.0
                               for r, n in zip(rows, neighbours[keep])])
             keep[np.flatnonzero(keep)[exact <= threshold]] = False
         if keep.any():
@@ -111,6 +117,14 @@ def duplicate_pairs(vi: VectorIndex, chunks: Iterable[tuple[np.ndarray, np.ndarr
     if not found:
         return np.empty((0, 2), np.int64)
     return np.unique(np.concatenate(found).astype(np.int64), axis=0)
+
+
+def _inner(a: np.ndarray, b: np.ndarray) -> float:
+    import faiss
+
+    return float(faiss.fvec_inner_product(faiss.swig_ptr(np.ascontiguousarray(a, np.float32)),
+                                          faiss.swig_ptr(np.ascontiguousarray(b, np.float32)),
+                                          len(a)))
 
 
 def group_pairs(pairs: np.ndarray) -> list[list[int]]:

@@ -1,9 +1,10 @@
 """Cross-modal search over a library: text→image, image→image, text/image→caption, mixtures.
 
 A query is a weighted sum of unit vectors (texts and images; `--not` terms have negative
-weights), normalised again: q = normalise(Σ wᵢ·vᵢ). Candidates come from the FAISS index; when
-it stores compressed codes they are re-scored exactly from the stored vectors (Flat and IVF-Flat
-keep full vectors, so their scores are exact already), then filtered
+weights), normalised again: q = normalise(Σ wᵢ·vᵢ). Candidates come from the FAISS index and are
+re-scored exactly: on float16 codes (Flat and IVF up to the compressed tier) a few more than
+wanted, from the vectors the index gives back; on compressed codes many more, from the store's
+vectors (float32 indexes of older libraries score exactly already); then filtered
 (--under, --threshold, the query image itself, --dedup) and cut to --offset/--top.
 """
 
@@ -24,7 +25,7 @@ from index.embedder import Embedder
 from index.errors import EmptyLibrary, NotFound, UsageProblem
 from index.photo_meta import iso_time
 from index.scan import Decoded, DecodeFailure, decode_file, decode_image
-from index.vectors import VectorIndex, rerank_depth
+from index.vectors import VectorIndex
 
 from .filters import Filters, MetaFrame
 from .query import (
@@ -259,8 +260,7 @@ class Searcher:
         else:
             def candidates(fetch: int) -> tuple[np.ndarray, np.ndarray]:
                 # compressed codes: more candidates than wanted, re-scored exactly
-                depth = fetch if vi.exact_scores else rerank_depth(fetch, vi.size)
-                scores, ids = vi.search(vector[None, :], depth, among=allowed)
+                scores, ids = vi.search(vector[None, :], vi.rescore_depth(fetch), among=allowed)
                 scores, ids = self._rescore(vi, vector, scores[0], ids[0])
                 return scores[:fetch], ids[:fetch]
         timings["search"] = (time.perf_counter() - t0) * 1000  # reading allowed vectors
@@ -393,13 +393,17 @@ class Searcher:
                  ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keep = ids >= 0
         scores, ids = scores[keep], ids[keep]
-        if vi.exact_scores or not len(ids):  # Flat codes: FAISS's scores are already exact
+        if vi.exact_scores or not len(ids):  # float32 codes: FAISS's scores are already exact
             return scores, ids
-        stored = self.library.store.vectors_for(vi.kind, ids.tolist())
-        ids = np.array([i for i in ids if int(i) in stored], np.int64)  # gone since: dropped
-        if not len(ids):
-            return np.empty(0, np.float32), ids
-        exact = np.stack([stored[int(i)] for i in ids]) @ np.asarray(vector, np.float32)
+        if vi.keeps_vectors:  # float16 codes: the store's vectors, given back by the index
+            vectors = vi.vectors(ids)
+        else:
+            stored = self.library.store.vectors_for(vi.kind, ids.tolist())
+            ids = np.array([i for i in ids if int(i) in stored], np.int64)  # gone: dropped
+            if not len(ids):
+                return np.empty(0, np.float32), ids
+            vectors = np.stack([stored[int(i)] for i in ids])
+        exact = vectors @ np.asarray(vector, np.float32)
         order = np.argsort(-exact, kind="stable")
         return exact[order].astype(np.float32), ids[order]
 

@@ -10,6 +10,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -229,7 +230,7 @@ def near_copies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def _lossy_above_zero(count: int, dim: int) -> str:
     # an empty index cannot train a quantiser: lossy codes only once there are vectors
-    return LOSSY if count else "IDMap2,Flat"
+    return LOSSY if count else "IDMap2,SQfp16"
 
 
 def _assert_scores_are_exact(searcher: Searcher, text: str, k: int) -> list:
@@ -346,3 +347,27 @@ def test_a_writer_drops_the_redundant_path_index_and_a_reader_leaves_it(
         assert (report.unchanged, report.new) == (COUNT, 0)
     assert "ix_images_path_prefix" not in indexes()
     assert any(name.startswith("sqlite_autoindex_images") for name in indexes())  # UNIQUE
+
+
+def test_float16_codes_are_rescored_to_the_exact_scores(near_copies) -> None:
+    """The default index keeps the store's float16 values unscaled: FAISS's own scores are
+    off in the fifth or sixth decimal, the hits' scores are q·v over the store's vectors."""
+    home, text = near_copies
+    searcher = Searcher.open(home)
+    try:
+        vi = searcher.index_for("images")
+        assert vi.factory == "IDMap2,SQfp16" and vi.exact and not vi.exact_scores
+        vector, _ = searcher.query_vector([Term("text", text, 1.0)])
+        raw_scores, raw_ids = vi.search(vector[None, :], vi.size)
+        stored = searcher.library.store.vectors_for("image", raw_ids[0].tolist())
+        exact = {i: float(stored[i] @ vector) for i in raw_ids[0].tolist()}
+        errors = [abs(s - exact[i]) for s, i in zip(raw_scores[0], raw_ids[0])]
+        assert 1e-7 < max(errors) < 1e-3  # approximate, and only just
+        hits = searcher.search(text, k=vi.size).hits
+        assert [h.score for h in hits] == pytest.approx([exact[h.id] for h in hits], abs=1e-6)
+        assert [h.id for h in hits] == sorted(exact, key=lambda i: -exact[i])
+        # what the index gives back is the store's vector, bit for bit
+        ids = np.array(sorted(exact), np.int64)
+        assert np.array_equal(vi.vectors(ids), np.stack([stored[int(i)] for i in ids]))
+    finally:
+        searcher.close()

@@ -72,7 +72,7 @@ def test_crossing_the_threshold_rebuilds_once_and_readers_do_not(tmp_path, small
     store = _store(tmp_path)
     _add(store, _clustered(60, seed=3), 0)
     first = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
-    assert first.factory == "IDMap2,Flat"
+    assert first.factory == "IDMap2,SQfp16"
     _add(store, _clustered(300, seed=4), 60)
     writer = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
     assert writer.factory.startswith("IVF") and writer.size == 360
@@ -131,11 +131,12 @@ def test_above_the_compressed_threshold_the_index_keeps_pq_codes(tmp_path, monke
     store = _store(tmp_path)
     _add(store, _clustered(600, seed=20), 0)
     mid = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
-    assert mid.factory.startswith("IVF") and mid.exact_scores  # IVF-Flat in between
+    assert mid.factory.startswith("IVF") and mid.factory.endswith(",SQfp16")  # in between
+    assert mid.keeps_vectors and not mid.exact_scores
     _add(store, _clustered(2400, seed=21), 600)
     vi = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
     assert vi.factory == f"IVF{compressed_nlist(3000)},PQ{DIM}x4fs", vi.factory
-    assert not vi.exact_scores and vi.size == 3000
+    assert not vi.keeps_vectors and vi.size == 3000
     with pytest.raises(RuntimeError, match="lossy codes"):
         vi.vectors(store.ids("image")[:2])  # never approximate vectors as if exact
     reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", mmap=True)
@@ -250,7 +251,7 @@ def test_a_full_disk_during_a_rebuild_keeps_the_old_index_and_readers_use_it(
     small = _clustered(60, seed=31)
     _add(store, small, 0)
     first = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
-    assert first.factory == "IDMap2,Flat"
+    assert first.factory == "IDMap2,SQfp16"
     before = sorted(p.name for p in (tmp_path / "vectors").iterdir())
     _add(store, _clustered(300, seed=32), 60)  # crosses into IVF: the writer rebuilds
 
@@ -270,7 +271,7 @@ def test_a_full_disk_during_a_rebuild_keeps_the_old_index_and_readers_use_it(
 
     # a reader meanwhile answers from the old index, caught up in memory, not rebuilt
     reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors")
-    assert reader.factory == "IDMap2,Flat" and reader.size == 360
+    assert reader.factory == "IDMap2,SQfp16" and reader.size == 360
     _, found = reader.search(small[:5], 1)
     assert found[:, 0].tolist() == np.sort(store.ids("image"))[:5].tolist()
 
@@ -284,12 +285,73 @@ def test_a_full_disk_during_a_rebuild_keeps_the_old_index_and_readers_use_it(
 def test_the_size_rule_names_each_tier():
     from index.vectors import flat_max_vectors, index_type_for, pq_codes, rerank_depth
 
-    assert index_type_for(flat_max_vectors(512), 512) == "IDMap2,Flat"
-    assert index_type_for(400_000, 512) == "IVF2048,Flat"  # 0.8 GB of float32: still Flat codes
+    assert index_type_for(flat_max_vectors(512), 512) == "IDMap2,SQfp16"
+    assert index_type_for(400_000, 512) == "IVF2048,SQfp16"  # 0.8 GB of float32: not PQ yet
     assert index_type_for(1_000_000, 512) == "IVF1024,PQ256x4fs"
     assert index_type_for(10_000_000, 512) == "IVF4096,PQ256x4fs"
-    assert index_type_for(1_000_000, 128) == "IVF4096,Flat"  # 0.5 GB
+    assert index_type_for(1_000_000, 128) == "IVF4096,SQfp16"  # 0.5 GB
     assert index_type_for(3_000_000, 128) == "IVF2048,PQ128x4fs"
     assert (pq_codes(768), pq_codes(640), pq_codes(16)) == (256, 160, 16)
     assert rerank_depth(10, 500_000) == rerank_depth(10, 1_000_000) == 200
     assert rerank_depth(10, 10_000_000) == 633 and rerank_depth(100, 1_000_000) == 400
+
+
+@pytest.mark.parametrize("count", [60, 400])  # Flat, then IVF (the threshold is lowered)
+def test_float16_codes_are_the_stored_vectors_at_half_the_bytes(tmp_path, small_threshold,
+                                                                count):
+    store = _store(tmp_path)
+    _add(store, _clustered(count, seed=40), 0)
+    vi = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert vi.factory.endswith(",SQfp16") and vi.keeps_vectors and not vi.exact_scores
+    ids = store.ids("image")
+    stored = store.vectors_for("image", ids.tolist())
+    assert np.array_equal(vi.vectors(ids), np.stack([stored[int(i)] for i in ids]))
+    reader = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", mmap=True)
+    assert reader.factory == vi.factory and reader.mapped_from is not None
+    assert np.array_equal(reader.vectors(ids[:7]), vi.vectors(ids[:7]))  # the file says it too
+
+    float32 = VectorIndex.empty("image", DIM, tmp_path / "f32",
+                                vi.factory.replace("SQfp16", "Flat"))
+    if not float32.index.is_trained:
+        float32.index.train(np.stack(list(stored.values())))
+    float32.index.add_with_ids(np.stack([stored[int(i)] for i in ids]), ids)
+    float32.generation = vi.generation
+    half = vi.save().stat().st_size
+    full = float32.save().stat().st_size
+    assert full - half >= 0.95 * count * DIM * 2, (half, full)  # 2 B saved per component
+
+
+def test_an_old_float32_index_is_read_as_it_is_and_a_writer_rewrites_it_as_float16(
+        tmp_path, small_threshold):
+    """Libraries written before float16 codes keep their IDMap2,Flat or IVF-Flat file: readers
+    use it (exact scores, nothing written), the next writer rebuilds it once."""
+    import faiss
+
+    store = _store(tmp_path)
+    _add(store, _clustered(400, seed=41), 0)
+    directory = tmp_path / "vectors"
+    old = VectorIndex.empty("image", DIM, directory, "IVF64,Flat")
+    sample = np.concatenate([v for _, v in store.iter_vectors("image")])
+    old.index.train(sample)
+    for ids, vecs in store.iter_vectors("image"):
+        old.index.add_with_ids(vecs, ids)
+    old.generation = store.generation("image")
+    path = old.save()
+    before = path.read_bytes()
+
+    reader = VectorIndex.open(store, "image", DIM, directory, mmap=True)
+    assert reader.factory == "IVF64,Flat" and reader.exact_scores
+    assert sorted(p.name for p in directory.iterdir()) == [path.name]
+    assert path.read_bytes() == before
+    scores, found = reader.search(sample[:3], 1)
+    assert found[:, 0].tolist() == np.sort(store.ids("image"))[:3].tolist()
+
+    writer = VectorIndex.open(store, "image", DIM, directory, save=True)
+    assert writer.factory.endswith(",SQfp16"), writer.factory
+    saved, _ = VectorIndex.newest_file(directory, "image")
+    assert len(before) - saved.stat().st_size >= 0.95 * 400 * DIM * 2
+    assert faiss.read_index(str(saved)).ntotal == 400
+    again = VectorIndex.open(store, "image", DIM, directory, save=True)
+    assert again.factory == writer.factory and VectorIndex.newest_file(directory, "image")[0] \
+        == saved and saved.stat().st_mtime_ns == again.directory.joinpath(saved.name).stat(
+        ).st_mtime_ns  # once only
