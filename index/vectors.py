@@ -55,7 +55,18 @@ FLAT_MAX_COMPONENTS = 10_000_000
 # ViT-B-32 image costs 1 KB of index instead of 2 KB. Their scores are within ~5e-5 of the
 # exact ones (the float16 vector is not scaled to unit length), so the Searcher fetches
 # FP16_EXTRA more candidates than it needs and re-scores them from the vectors the index gives
-# back (`vectors()`: bit for bit the store's). MEASURED_FP16 below.
+# back (`vectors()`: bit for bit the store's).
+# Measured (bench/query.py --model ViT-B-32:random --sizes 10k,100k, 2026-12-03, float32 from
+# the commit before in the same hour; bench/results/query-vit-fp16.json), recall@10 / vector
+# query search+hydrate / bytes per image, index + store:
+#   10k  IDMap2,Flat   1.000 / 1.68 ms / 2,056 + 1,401 = 3,457
+#        IDMap2,SQfp16 1.000 / 1.24 ms / 1,032 + 1,401 = 2,433
+#   100k IVF1024,Flat   0.9745 / 2.84 ms / 2,077 + 1,371 = 3,448
+#        IVF1024,SQfp16 0.9745 / 2.21 ms / 1,053 + 1,371 = 2,424
+# and alone (/tmp, 200 queries, k 26, 2 threads): 19.5k × 512 Flat 2.73 ms, SQfp16 1.08 ms;
+# 78k × 128 2.88 / 0.97 ms (both also memory-mapped); the best 10 by exact score were always
+# within SQfp16's best 26. FAISS's SQfp16 scores err from the exact ones by |1 - 1/|v16||:
+# ~1e-5 at 512-d, up to ~2e-4 at 16-d.
 FP16_EXTRA = 16
 IVF_SCAN_VECTORS = 8192
 IVF_MIN_NPROBE = 16
@@ -104,8 +115,9 @@ ADD_PROGRESS_EVERY = 100_000  # a rebuild reports every 10% of its vectors, at m
 # on-disk lists hold 8-bit PQ codes of the same size: PQ{m/2}x8 where fast scan has PQ{m}x4.
 # 2 GiB: 15.8M 512-d vectors (136 B each with the id), 29.8M at 128-d; below it the fast-scan
 # index (1.43 GB of RSS at 10M × 512-d) keeps the query under the 3 GB the issue allows.
-ONDISK_MIN_BYTES = 2 << 30
-ONDISK_SHARD_VECTORS = 2_000_000  # one shard's codes in RAM while it is filled: 272 MB
+ONDISK_MIN_BYTES = 1 << 30
+ONDISK_MAX_CODES = 64  # 8-bit codes per vector on disk at most: 64 B, 72 B with the id
+ONDISK_SHARD_VECTORS = 2_000_000  # one shard's codes in RAM while it is filled: 144 MB
 _FILE = re.compile(r"^(?P<kind>image|caption)-(?P<gen>\d+)\.faiss$")
 _DATA = re.compile(r"^(?P<kind>image|caption)-(?P<gen>\d+)-[0-9a-f]{8}\.ivfdata$")
 
@@ -123,8 +135,8 @@ def index_type_for(count: int, dim: int) -> str:
         return "IDMap2,SQfp16"
     if count * dim * 4 > COMPRESSED_MIN_BYTES:
         fast_scan = pq_codes(dim)
-        on_disk = pq_codes(dim, fast_scan // 2)  # 8-bit codes: the same bytes per vector
-        if count * (on_disk + 8) > ONDISK_MIN_BYTES:
+        if count * (fast_scan // 2 + 8) > ONDISK_MIN_BYTES:  # 8-bit codes, at most 64 B
+            on_disk = pq_codes(dim, min(fast_scan // 2, ONDISK_MAX_CODES))
             return f"IVF{compressed_nlist(count)},PQ{on_disk}x8"
         return f"IVF{compressed_nlist(count)},PQ{fast_scan}x4fs"
     return f"IVF{_nlist(count)},SQfp16"
@@ -383,18 +395,32 @@ class VectorIndex:
             say(f"adding {count} {self.kind} vectors to {factory}, in shards of "
                 f"{ONDISK_SHARD_VECTORS}")
             shards: list[Path] = []
-            pending: list[tuple[np.ndarray, np.ndarray]] = []
-            added, step = 0, max(ADD_PROGRESS_EVERY, count // 10)
-            for ids, vectors in store.iter_vectors(self.kind):  # streamed, never whole
-                pending.append((ids, vectors))
-                added += len(ids)
-                if sum(len(i) for i, _ in pending) >= ONDISK_SHARD_VECTORS:
-                    shards.append(add_shard(trained, pending, work / f"shard-{len(shards)}"))
-                    pending = []
-                if added // step > (added - len(ids)) // step and added < count:
-                    say(f"added {added}/{count} {self.kind} vectors to {factory}")
-            if pending or not shards:
-                shards.append(add_shard(trained, pending, work / f"shard-{len(shards)}"))
+            source = store.iter_vectors(self.kind)  # streamed, never whole
+            added, step, exhausted = 0, max(ADD_PROGRESS_EVERY, count // 10), False
+
+            def shard_batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                """The next shard's batches, handed to FAISS as they are read: only the
+                shard's codes stay in memory, not its vectors (2M × 512 float32 is 4 GB)."""
+                nonlocal added, exhausted
+                filled = 0
+                while filled < ONDISK_SHARD_VECTORS:
+                    batch = next(source, None)
+                    if batch is None:
+                        exhausted = True
+                        return
+                    filled += len(batch[0])
+                    added += len(batch[0])
+                    if added // step > (added - len(batch[0])) // step and added < count:
+                        say(f"added {added}/{count} {self.kind} vectors to {factory}")
+                    yield batch
+
+            while not exhausted:
+                before = added
+                shard = add_shard(trained, shard_batches(), work / f"shard-{len(shards)}")
+                if shards and added == before:  # the last shard came out empty
+                    shard.unlink()
+                    break
+                shards.append(shard)
             say(f"merging {len(shards)} shard(s) into one on-disk index")
             name = f"{self.kind}-{generation}-{secrets.token_hex(4)}.ivfdata"
             index = merge_shards(trained, shards, work / name)

@@ -16,7 +16,7 @@ import numpy as np
 
 from index.errors import EmptyLibrary, UsageProblem
 from index.photo_meta import iso_time
-from index.vectors import VectorIndex
+from index.vectors import VectorIndex, is_on_disk
 
 from .search import Searcher
 
@@ -34,8 +34,13 @@ CHUNK = 2048  # query vectors per range search
 # PQ256x4fs |error| median 0.037, p99 0.074, max 0.104 (0.091 among pairs above 0.9);
 # 128-d PQ128x4fs 0.006 / 0.029 / 0.057.
 CODE_SLACK = 0.12
+# The on-disk tier's 8-bit codes (PQ64x8 at 512-d: 8 components per byte) err further:
+# `bench/code_error.py` on bench/scale.py's 10M × 512 IVF4096,PQ64x8, 200 queries × their 200
+# best candidates: |error| median 0.012, p99 0.155, max 0.195 (0.097 / 0.182 among pairs above
+# 0.9), 2026-12-03.
+ONDISK_CODE_SLACK = 0.22
 # On float16 codes (SQfp16: the store's values, not scaled to unit length) scores err by at
-# most ~5e-5 (MEASURED_FP16 in index/vectors.py); the pairs are checked the same way.
+# most ~2e-4 (measured beside FP16_EXTRA in index/vectors.py); the pairs are checked the same way.
 FP16_SLACK = 1e-3
 # On IVF the range search visits this many lists per vector, not the query's nprobe (84 at
 # 100k vectors): a copy at cosine ≥ 0.96 sits in its original's list or a neighbour's, and
@@ -82,15 +87,16 @@ def duplicate_pairs(vi: VectorIndex, chunks: Iterable[tuple[np.ndarray, np.ndarr
     """(a, b) id pairs, a < b, whose vectors' cosine exceeds `threshold`, by range search of
     each chunk of (ids, vectors) against the index (on IVF: DUPLICATE_NPROBE lists each).
 
-    An index of float16 or compressed codes is searched FP16_SLACK or CODE_SLACK below the
-    threshold and each pair found is then checked on the stored vectors (`store`), so pairs are
-    exact there too."""
+    An index of float16 or compressed codes is searched FP16_SLACK, CODE_SLACK or
+    ONDISK_CODE_SLACK below the threshold and each pair found is then checked on the stored
+    vectors (`store`), so pairs are exact there too."""
     import faiss
 
     lossy = not vi.exact_scores
     if lossy and store is None:
         raise ValueError("a compressed index needs the store to check its pairs")
-    slack = 0.0 if not lossy else FP16_SLACK if vi.keeps_vectors else CODE_SLACK
+    slack = 0.0 if not lossy else FP16_SLACK if vi.keeps_vectors else \
+        ONDISK_CODE_SLACK if is_on_disk(vi.factory) else CODE_SLACK
     radius = float(threshold) - slack
     params = None
     if not hasattr(vi.index, "id_map"):

@@ -172,11 +172,11 @@ def test_a_build_that_fails_in_the_merge_leaves_the_previous_index(tmp_path, on_
 def test_the_size_rule_puts_the_largest_libraries_on_disk():
     from index.vectors import index_type_for, is_on_disk
 
-    assert index_type_for(10_000_000, 512) == "IVF4096,PQ256x4fs"
-    assert index_type_for(20_000_000, 512) == "IVF4096,PQ128x8"  # 128 B codes either way
-    assert index_type_for(100_000_000, 512) == "IVF8192,PQ128x8"
-    assert index_type_for(20_000_000, 128) == "IVF4096,PQ128x4fs"
-    assert index_type_for(40_000_000, 128) == "IVF8192,PQ64x8"
+    assert index_type_for(7_800_000, 512) == "IVF2048,PQ256x4fs"  # 1.06 GB of codes and ids
+    assert index_type_for(10_000_000, 512) == "IVF4096,PQ64x8"  # 72 B per vector, on disk
+    assert index_type_for(100_000_000, 512) == "IVF8192,PQ64x8"
+    assert index_type_for(10_000_000, 128) == "IVF4096,PQ128x4fs"  # 72 B in RAM already
+    assert index_type_for(20_000_000, 128) == "IVF4096,PQ64x8"
     assert is_on_disk("IVF8192,PQ64x8") and not is_on_disk("IVF4096,PQ256x4fs")
 
 
@@ -218,3 +218,36 @@ def test_clipdex_index_stats_and_search_on_an_on_disk_library(tmp_path, monkeypa
     (lists,) = (home / "vectors").glob("image-*.ivfdata")
     top = run("search", "a red circle", "--json", "--top", "280")["hits"]
     assert len(top) == 280 and not {h["path"] for h in top} & {str(p) for p in gone}
+
+
+def test_an_on_disk_build_hands_vectors_to_faiss_as_it_reads_them(tmp_path, on_disk_line,
+                                                                   monkeypatch):
+    """Only a shard's codes are held while it fills, never its vectors: the store is read one
+    batch ahead of FAISS at most (holding 2M vectors of 512-d per shard took 5.5 GB at 10M)."""
+    store = _store(tmp_path)
+    _add(store, _clustered(N, seed=42), 0)
+    read = {"batches": 0}
+    real_iter, real_add = store.iter_vectors, vectors.add_shard
+
+    def counting(kind, ids=None, *args, **kwargs):
+        for batch in real_iter(kind, ids, *args, **kwargs):
+            read["batches"] += ids is None  # the build's pass over every vector
+            yield batch
+
+    consumed = {"batches": 0, "ahead": 0}
+
+    def add_shard(trained, batches, out):
+        def watched():
+            for batch in batches:
+                consumed["batches"] += 1
+                consumed["ahead"] = max(consumed["ahead"], read["batches"] - consumed["batches"])
+                yield batch
+        return real_add(trained, watched(), out)
+
+    monkeypatch.setattr(store, "iter_vectors", counting)
+    monkeypatch.setattr(vectors, "add_shard", add_shard)
+    monkeypatch.setattr(vectors, "ONDISK_SHARD_VECTORS", 4096 * 2)  # a multiple of the batch
+    vi = VectorIndex.open(store, "image", DIM, tmp_path / "vectors", save=True)
+    assert vi.on_disk and vi.size == N
+    assert consumed["batches"] == read["batches"] == 3 and consumed["ahead"] == 0
+    assert not [p for p in (tmp_path / "vectors").iterdir() if "shard" in p.name]
