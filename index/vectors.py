@@ -112,9 +112,17 @@ ADD_PROGRESS_EVERY = 100_000  # a rebuild reports every 10% of its vectors, at m
 # touch), built shard by shard against one trained index and merged with
 # faiss.contrib.ondisk.merge_ondisk. FAISS cannot keep fast-scan codes on disk (their lists
 # are packed in blocks of 32; merge_ondisk asserts il->code_size == code_size), so the
-# on-disk lists hold 8-bit PQ codes of the same size: PQ{m/2}x8 where fast scan has PQ{m}x4.
-# 2 GiB: 15.8M 512-d vectors (136 B each with the id), 29.8M at 128-d; below it the fast-scan
-# index (1.43 GB of RSS at 10M × 512-d) keeps the query under the 3 GB the issue allows.
+# on-disk lists hold 8-bit PQ codes: PQ{m/2}x8 where fast scan has PQ{m}x4, at most
+# ONDISK_MAX_CODES bytes (PQ64x8 at 512-d, 128-d and 768-d alike).
+# The line is 1 GiB of fast-scan codes and ids: 7.9M 512-d vectors (136 B each), 14.9M at 128-d
+# (72 B). bench/scale.py, 10M × 512-d, library knobs (nprobe 16, 633 re-ranked), 2026-12-03:
+#   IVF4096,PQ256x4fs in RAM: recall@10 0.957, p50 7.9 ms, query RSS 1,435 MB, 138 B/vector
+#   IVF4096,PQ64x8 on disk:  recall@10 0.962, p50 15.6 ms, query RSS 784 MB, 73 B/vector
+#     (nprobe 32, 1000 re-ranked: 0.9785 / 23.8 ms). 8-bit codes rank better per byte (64 B of
+#     them beat 128 B of 4-bit ones) and scan slower; half the RAM per image for 2× the time,
+#     still inside 20 ms. At 1M × 512 the old on-disk PQ128x8 gave 0.985 / 12.4 ms.
+# At 128-d the fast-scan codes are 64 B already (10M: 0.990 / 5.3 ms, 807 MB), so 10M stays in
+# RAM there.
 ONDISK_MIN_BYTES = 1 << 30
 ONDISK_MAX_CODES = 64  # 8-bit codes per vector on disk at most: 64 B, 72 B with the id
 ONDISK_SHARD_VECTORS = 2_000_000  # one shard's codes in RAM while it is filled: 144 MB
