@@ -21,10 +21,11 @@ import pytest
 from clipdex_test_embedder import NAME as TEST_MODEL
 from clipdex_test_embedder import SUBPROCESS_ENV
 from sqlalchemy import select
+from test_ingest import stored_bits
 
 from index import Library, faults
 from index.ingest import BATCH_SIZE
-from index.store import ImageRow, ImageVectorRow, vector_from_blob
+from index.store import ImageRow, ImageVectorRow
 from index.synthetic.scenes import generate, render, write_scenes
 from retrieval import Searcher
 
@@ -85,8 +86,8 @@ def assert_consistent(home: Path, db: str | None = None) -> dict[str, int]:
                      f"image-{generations['image']}.faiss"]
     saved = faiss.read_index(str(home / "vectors" / f"image-{generations['image']}.faiss"))
     assert sorted(faiss.vector_to_array(saved.id_map).tolist()) == sorted(r.id for r in rows)
-    for r in rows:
-        np.testing.assert_array_equal(saved.reconstruct(r.id), vector_from_blob(r.vector))
+    for r in rows:  # float16 codes: the stored bits themselves
+        np.testing.assert_array_equal(saved.reconstruct(r.id), stored_bits(r.vector))
     return generations
 
 

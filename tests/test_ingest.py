@@ -22,7 +22,7 @@ import cli
 from index import Library, ModelMismatch
 from index.captions import parse_caption_file
 from index.errors import CaptionFileError
-from index.store import CaptionRow, ImageRow, ImageVectorRow, vector_from_blob
+from index.store import VECTOR_DTYPE, CaptionRow, ImageRow, ImageVectorRow
 from index.synthetic.scenes import generate, render, write_scenes
 
 MODEL = TEST_MODEL  # the `test` embedder: these tests look at storage, not meaning
@@ -58,6 +58,12 @@ def saved_index(home: Path, kind: str = "image") -> faiss.Index:
     return faiss.read_index(str(files[0]))
 
 
+def stored_bits(blob: bytes) -> np.ndarray:
+    """A stored vector's float16 values as they are (not scaled to unit length): what the
+    library's float16 index must hold for it (tests/test_crash.py uses it too)."""
+    return np.frombuffer(blob, VECTOR_DTYPE).astype(np.float32)
+
+
 def index_ids(index: faiss.Index) -> list[int]:
     return sorted(faiss.vector_to_array(index.id_map).tolist())
 
@@ -68,8 +74,8 @@ def assert_index_matches_store(home: Path) -> None:
     saved = saved_index(home)
     assert saved.ntotal == len(stored)
     assert index_ids(saved) == sorted(i for i, _ in stored.values())
-    for row_id, blob in stored.values():
-        np.testing.assert_array_equal(saved.reconstruct(row_id), vector_from_blob(blob))
+    for row_id, blob in stored.values():  # float16 codes: the stored bits themselves
+        np.testing.assert_array_equal(saved.reconstruct(row_id), stored_bits(blob))
     with Library.open(home) as library:
         live = library.vector_index("image")
         assert index_ids(live.index) == sorted(i for i, _ in stored.values())

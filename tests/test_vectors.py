@@ -288,7 +288,8 @@ def test_the_size_rule_names_each_tier():
     assert index_type_for(flat_max_vectors(512), 512) == "IDMap2,SQfp16"
     assert index_type_for(400_000, 512) == "IVF2048,SQfp16"  # 0.8 GB of float32: not PQ yet
     assert index_type_for(1_000_000, 512) == "IVF1024,PQ256x4fs"
-    assert index_type_for(10_000_000, 512) == "IVF4096,PQ256x4fs"
+    assert index_type_for(7_000_000, 512) == "IVF2048,PQ256x4fs"
+    assert index_type_for(10_000_000, 512) == "IVF4096,PQ64x8"  # on disk
     assert index_type_for(1_000_000, 128) == "IVF4096,SQfp16"  # 0.5 GB
     assert index_type_for(3_000_000, 128) == "IVF2048,PQ128x4fs"
     assert (pq_codes(768), pq_codes(640), pq_codes(16)) == (256, 160, 16)
