@@ -362,3 +362,27 @@ def test_import_and_use_stay_torch_free() -> None:
         check=True,
     )
     assert result.stdout.split() == ["[]", "[]"]
+
+
+def test_printable_ascii_without_an_ampersand_is_what_ftfy_leaves_alone() -> None:
+    """The tokenizer skips ftfy (and its import) for such texts: ftfy must agree on the whole
+    corpus and on random printable ASCII, and a plain query must not import it."""
+    import ftfy
+
+    rng = random.Random(5)
+    alphabet = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"]
+    randoms = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+               for _ in range(20_000)]
+    plain = [t for t in [*_corpus(), *randoms]
+             if t.isascii() and t.isprintable() and "&" not in t]
+    assert len(plain) > 20_000
+    assert [ftfy.fix_text(t) for t in plain] == plain
+    code = (
+        "import sys, index.clip_tokenizer as t; "
+        "tok = t.ClipTokenizer(sys.argv[1]); tok(['a red circle, 3 squares!']); "
+        "print('ftfy' in sys.modules); tok(['caf\\u00e9 &amp; cr\\u00e8me']); "
+        "print('ftfy' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, open_clip.tokenizer.default_bpe()],
+                            cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True"]
