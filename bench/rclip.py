@@ -452,6 +452,9 @@ def bench(args: argparse.Namespace) -> dict:
 
     env = {"cpus": os.cpu_count(), "load_start": _load(), "machine": platform.machine(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version()}
+    from cold_query import compile_bytecode  # rclip's pip install has its bytecode too
+
+    env["clipdex_bytecode"] = compile_bytecode()
     rclip_versions = ensure_rclip(args.rclip_venv, args.rclip_spec, args.pip_arg)
     log(f"rclip {rclip_versions['rclip']} (onnxruntime {rclip_versions['onnxruntime']}) in "
         f"{args.rclip_venv}")
