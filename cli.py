@@ -224,6 +224,10 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
 
     With --ray the scan, the plan and the commits stay in this process and decoding and
     embedding fan out over Ray workers (Ray Data), with the same outcome as without it.
+
+    Photos are embedded on ONNX Runtime with the library's checked export of its model
+    (made first when a new library is indexed); an update then never imports torch.
+    CLIPDEX_RUNTIME=torch embeds on torch instead; --ray workers always do.
     """
     from tqdm import tqdm
 
@@ -241,17 +245,23 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
     bar = tqdm(total=0, unit="img", disable=not _progress_enabled(ctx), file=sys.stderr,
                desc="embedding")
     saved = {"new": 0, "changed": 0}  # as of the last committed batch
+    shown_desc = ["embedding"]  # the bar's description (a disabled tqdm keeps none)
 
     def progress(p) -> None:
         if p.phase == "index":  # rebuilding the vector index after the library grew
+            shown_desc[0] = p.counts["index"]
             bar.set_description(p.counts["index"], refresh=True)
             return
         if p.phase == "metadata":  # photos indexed before metadata existed: headers only
+            shown_desc[0] = "reading metadata"
             bar.set_description("reading metadata", refresh=False)
             bar.total, bar.n = p.total, p.done
             bar.set_postfix({}, refresh=True)
             return
         saved.update({k: p.counts.get(k, 0) for k in saved})
+        if shown_desc[0] != "embedding":  # after "exporting the model…" (a new library)
+            shown_desc[0] = "embedding"
+            bar.set_description("embedding", refresh=False)
         if bar.total != p.total:
             bar.total = p.total
         bar.n = p.done
@@ -280,8 +290,9 @@ def index_cmd(ctx: click.Context, paths: tuple[Path, ...], model: str | None, pr
             f"{report.moved} moved, {report.removed} removed, {report.failed} failed"
             + (f" ({report.skipped_failed} failed before, unchanged)" if report.skipped_failed
                else "") + f" in {report.total_seconds:.1f}s"
-            + (f" (model load {report.model_load_seconds:.1f}s)" if report.model_load_seconds
-               else ""))
+            + (f" (model load {report.model_load_seconds:.1f}s"
+               + (", ONNX Runtime)" if report.runtime == "onnx" else ")")
+               if report.model_load_seconds else ""))
         meta = report.metadata
         if meta.get("updated_without_embedding"):
             click.echo(f"metadata: read for {meta['updated_without_embedding']} indexed "

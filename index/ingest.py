@@ -90,6 +90,7 @@ class IngestReport:
     metadata: dict = field(default_factory=dict)  # photo metadata read this run (_MetaCounts)
     tagged: int = 0  # images given zero-shot tags this run (once a library has tags)
     ray: dict = field(default_factory=dict)  # --ray: the cluster, its workers, start time
+    runtime: str = ""  # what embedded the photos: "onnx", "torch", "ray" ("": nothing loaded)
 
     @property
     def failures_remain(self) -> bool:
@@ -106,6 +107,7 @@ class IngestReport:
             "model_load_seconds": round(self.model_load_seconds, 3),
             "total_seconds": round(self.total_seconds, 3),
             "queries": self.queries, "export_seconds": round(self.export_seconds, 3),
+            "runtime": self.runtime,
             "images_per_second": round((self.new + self.changed) / self.seconds, 2)
             if self.seconds else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],

@@ -207,6 +207,11 @@ class OnnxEmbedder:
     def runs_on_onnx(self, tower: str) -> bool:
         return self._choice.get(tower) is not None
 
+    def open_tower(self, tower: str) -> bool:
+        """Open `tower`'s session now (ingestion does, before it prepares photos for it);
+        whether the tower runs on ONNX Runtime (False: torch, said through `damaged`)."""
+        return self.runs_on_onnx(tower) and self._session(tower) is not None
+
     def fingerprint(self) -> dict[str, Any]:
         return dict(self.manifest["fingerprint"])
 

@@ -50,7 +50,8 @@ class Settings:
         workers: decode threads; None: one per core.
         decode_gate: on a CPU, decoders and the model take turns (index.ingest._Turns).
         decode_nice: how much nicer decode threads run than the model's.
-        runtime: how queries encode, one of RUNTIMES.
+        runtime: how queries (and, where the export's image tower runs on it, ingestion)
+            encode, one of RUNTIMES.
     """
 
     home: Path

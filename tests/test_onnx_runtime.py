@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from index import Library
@@ -83,6 +84,74 @@ def test_index_exports_both_towers_checked_against_torch(library) -> None:
         assert (folder / entry["name"]).stat().st_size == entry["size"]
     assert (folder / manifest["tokenizer"]["vocab"]).is_file()
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_photos_are_embedded_on_onnx_runtime_and_an_update_never_imports_torch(
+        library, tmp_path) -> None:
+    """A new library exports first and embeds on the export; later runs (an update, a watch
+    batch) load no torch at all. The stored vectors are what torch fp32 gives, to the
+    export's probe rule; CLIPDEX_RUNTIME=torch keeps ingestion on torch."""
+    from PIL import Image
+
+    from index.clip import ClipEmbedder
+
+    _, _, report = library
+    assert report.runtime == "onnx" and report.new == 12
+    home = _copy_library(library, tmp_path)
+    new = _photos(tmp_path / "more", n=5, seed=11)
+    result, lines, imported = _run(["index", str(tmp_path / "more"), "--json"], home)
+    assert result.returncode == 0, result.stderr
+    assert imported == [], imported
+    ran = json.loads("\n".join(lines))
+    assert ran["new"] == 5 and ran["runtime"] == "onnx" and ran["queries"] == "ready"
+    _, manifest = _manifest(home)
+    limit = 0.9999 if manifest["towers"]["image"]["use"] == "fp32" else 0.999
+    torch_fp32 = ClipEmbedder.load("tiny", precision="fp32", device="cpu")
+    expected = torch_fp32.encode_images([Image.open(p).convert("RGB") for p in new])
+    with Library.open(home) as lib:
+        by_path = {path: i for i, path in lib.store.image_paths(range(1, 100)).items()}
+        ids = [by_path[str(p)] for p in new]
+        stored = dict(zip(*next(lib.store.iter_vectors("image", ids))))
+    cosines = (np.stack([stored[i] for i in ids]) * expected).sum(1)
+    assert cosines.min() >= limit - 1e-3, cosines  # the store keeps float16
+    more = _photos(tmp_path / "again", n=2, seed=12)
+    result, lines, imported = _run(["index", str(more[0].parent), "--json"], home,
+                                   env={"CLIPDEX_RUNTIME": "torch"})
+    assert result.returncode == 0 and "torch" in imported, result.stderr
+    assert json.loads("\n".join(lines))["runtime"] == "torch"
+
+
+def test_a_new_library_of_an_exported_model_is_indexed_without_torch(library, tmp_path) -> None:
+    """The per-user cache holds the fixture's export: a second library of `tiny` claims its
+    model from that manifest (the same fingerprint torch gives) and embeds on it."""
+    home, _, _ = library
+    _photos(tmp_path / "photos", n=4, seed=21)
+    other = tmp_path / "other"
+    result, lines, imported = _run(["index", str(tmp_path / "photos"), "--model", "tiny",
+                                    "--json"], other)
+    assert result.returncode == 0, result.stderr
+    assert imported == [], imported
+    assert json.loads("\n".join(lines))["runtime"] == "onnx"
+    with Library.open(home) as first, Library.open(other) as second:
+        for key in ("model", "dim", "preprocess"):
+            assert second.store.get_meta(key) == first.store.get_meta(key), key
+        assert len(Searcher(second).search("a red circle", k=2).hits) == 2
+    # with nothing exported on this machine, a new library loads torch as before
+    result, _, imported = _run(["index", str(tmp_path / "photos"), "--model", "tiny"],
+                               tmp_path / "third", env={"XDG_CACHE_HOME": str(tmp_path / "c")})
+    assert result.returncode == 0 and "torch" in imported, result.stderr
+
+
+def test_ingestion_takes_torch_where_the_image_tower_is_not_exported(library, tmp_path) -> None:
+    home = _copy_library(library, tmp_path)
+    folder, manifest = _manifest(home)
+    manifest["towers"]["image"] = {"error": "its image transform cannot be reproduced "
+                                            "without torch"}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    _photos(tmp_path / "more", n=3, seed=13)
+    with Library.open(home) as lib:
+        report = lib.index([tmp_path / "more"])
+    assert report.new == 3 and report.failed == 0 and report.runtime == "torch"
 
 
 def test_onnx_vectors_match_torch_fp32_on_new_texts_and_images(library, tmp_path) -> None:

@@ -326,8 +326,8 @@ def killed_on_postgres(tmp_path_factory: pytest.TempPathFactory,
             for point in KILLS}
     with Library.open(base / "reference", db=urls["reference"]) as library:
         library.index([photos], model=MODEL)  # while the killed runs start up
-    for proc in runs.values():
-        proc.communicate(timeout=900)  # generous: shared CI machines can be very busy
+    for proc in runs.values():  # generous: shared CI machines can be very busy
+        proc.stderr_text = proc.communicate(timeout=900)[1]  # for a failed assertion's message
     return base, photos, urls, runs
 
 
@@ -349,7 +349,7 @@ def test_killed_run_on_postgres_recovers_to_the_uninterrupted_library(killed_on_
 
     base, photos, urls, runs = killed_on_postgres
     home, db = base / point.replace(":", "-"), urls[point]
-    assert runs[point].returncode == -signal.SIGKILL, runs[point].stderr[-2000:]
+    assert runs[point].returncode == -signal.SIGKILL, runs[point].stderr_text[-2000:]
     reference = {r.path: bytes(r.vector) for r in image_rows(base / "reference",
                                                              urls["reference"])}
     rows = image_rows(home, db)  # the server rolled the dead client's transaction back
