@@ -142,6 +142,49 @@ def test_a_new_library_of_an_exported_model_is_indexed_without_torch(library, tm
     assert result.returncode == 0 and "torch" in imported, result.stderr
 
 
+def test_a_prefetched_session_is_used_only_for_the_same_unchanged_file(library, tmp_path,
+                                                                      monkeypatch) -> None:
+    from PIL import Image
+
+    from index import onnx_runtime
+
+    home = _copy_library(library, tmp_path)
+    folder, manifest = _manifest(home)
+    opened: list[str] = []
+    real = onnx_runtime._new_session
+
+    def counted(path, threads):
+        opened.append(Path(path).name)
+        return real(path, threads)
+
+    monkeypatch.setattr(onnx_runtime, "_new_session", counted)
+    assert onnx_runtime.prefetch(home, "text")
+    assert not onnx_runtime.prefetch(home, "text")  # one thread per file
+    text = manifest["towers"]["text"]["files"][manifest["towers"]["text"]["use"]]["name"]
+    with Library.open(home) as lib:
+        embedder = lib.query_embedder()
+        vector = embedder.encode_texts(["a red circle"])
+    assert opened == [text]  # the prefetch thread's session, not a second one
+    assert onnx_runtime._PREFETCHED == {}
+    reference = OnnxEmbedder(folder, manifest).encode_texts(["a red circle"])
+    assert np.allclose(vector, reference, atol=1e-6)
+    # the file changed after the prefetch began: its session is dropped, the file reopened
+    opened.clear()
+    tower = manifest["towers"]["image"]
+    image = folder / tower["files"][tower["use"]]["name"]
+    assert onnx_runtime.prefetch(home, "image")
+    onnx_runtime._PREFETCHED[str(image)][0].join()
+    os.utime(image, ns=(1, 1))
+    _, photos, _ = library
+    OnnxEmbedder(folder, manifest).encode_images([Image.open(photos[0])])
+    assert opened == [image.name, image.name]
+    # two exports (or none): no guess at which one the library uses
+    (home / "onnx" / "other").mkdir()
+    (home / "onnx" / "other" / MANIFEST).write_text(json.dumps(manifest))
+    assert not onnx_runtime.prefetch(home, "text")
+    assert not onnx_runtime.prefetch(tmp_path / "nowhere", "text")
+
+
 def test_ingestion_takes_torch_where_the_image_tower_is_not_exported(library, tmp_path) -> None:
     home = _copy_library(library, tmp_path)
     folder, manifest = _manifest(home)
