@@ -185,12 +185,18 @@ def test_a_prefetched_session_is_used_only_for_the_same_unchanged_file(library, 
     assert not onnx_runtime.prefetch(tmp_path / "nowhere", "text")
 
 
-def test_ingestion_takes_torch_where_the_image_tower_is_not_exported(library, tmp_path) -> None:
+def _without_image_tower(library, tmp_path: Path) -> Path:
+    """A copy of the library whose export says its image tower could not be exported."""
     home = _copy_library(library, tmp_path)
     folder, manifest = _manifest(home)
     manifest["towers"]["image"] = {"error": "its image transform cannot be reproduced "
                                             "without torch"}
     (folder / MANIFEST).write_text(json.dumps(manifest))
+    return home
+
+
+def test_ingestion_takes_torch_where_the_image_tower_is_not_exported(library, tmp_path) -> None:
+    home = _without_image_tower(library, tmp_path)
     _photos(tmp_path / "more", n=3, seed=13)
     with Library.open(home) as lib:
         report = lib.index([tmp_path / "more"])
@@ -309,11 +315,7 @@ def test_a_missing_export_is_made_by_the_first_query(library, tmp_path) -> None:
 
 
 def test_a_tower_the_export_does_not_cover_runs_on_torch_said_once(library, tmp_path) -> None:
-    home = _copy_library(library, tmp_path)
-    folder, manifest = _manifest(home)
-    manifest["towers"]["image"] = {"error": "its image transform cannot be reproduced "
-                                            "without torch"}
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    home = _without_image_tower(library, tmp_path)
     _, photos, _ = library
     result, lines, imported = _run(["search", "--image", str(photos[0]), "--image",
                                     str(photos[1]), "--top", "2"], home)
