@@ -350,7 +350,13 @@ class Library:
     def _shared_export(self, model: str | None, precision: str | None) -> dict | None:
         """For a new library: the manifest of a finished export of its model in the per-user
         cache, made by an earlier library (its image tower on ONNX); None otherwise."""
-        from .onnx_runtime import ExportUnusable, export_folder, read_manifest, shared_folder
+        from .onnx_runtime import (
+            MANIFEST,
+            ExportUnusable,
+            export_folder,
+            read_manifest,
+            shared_folder,
+        )
 
         spec = model or self.settings.model or DEFAULT_MODEL
         if not self._exports_for_queries(spec, precision):
@@ -362,7 +368,7 @@ class Library:
             return None
         for folder in candidates:
             try:
-                head = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+                head = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
                 manifest = read_manifest(folder, spec, int(head.get("dim", 0)))
             except (OSError, ValueError, TypeError, AttributeError, ExportUnusable):
                 continue
