@@ -595,9 +595,12 @@ def _prefetch_tower(ctx: click.Context, tower: str | None, precision: str | None
         return  # the command's own Settings.resolve says so
     if settings.runtime == "torch" or settings.precision == "bf16":
         return
-    from index.onnx_runtime import prefetch
+    from index.onnx_runtime import discard_prefetched, prefetch
 
-    prefetch(settings.home, tower, settings.precision)
+    if prefetch(settings.home, tower, settings.precision):
+        # one the query did not take (it failed first, or used another file) is dropped when
+        # the command ends, however it ends: a process that goes on must not keep it
+        ctx.call_on_close(discard_prefetched)
 
 
 def _skip_teardown() -> None:

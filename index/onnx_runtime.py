@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from .embedder import Embedder
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST", "TEXT_TABLE", "ExportUnusable", "OnnxEmbedder",
-           "export_folder", "pick_file", "prefetch", "read_manifest", "share_export",
-           "shared_folder", "text_inputs", "weights_stamp"]
+           "discard_prefetched", "export_folder", "pick_file", "prefetch", "read_manifest",
+           "share_export", "shared_folder", "text_inputs", "weights_stamp"]
 
 # Bump when what index.onnx_export writes changes shape: older exports are then redone.
 EXPORT_FORMAT = 2  # 2: the text tower's token-embedding table in its own mapped file
@@ -411,6 +411,12 @@ def prefetch(home: Path, tower: str, precision: str = "auto") -> bool:
     _PREFETCHED[key] = (thread, result)
     thread.start()
     return True
+
+
+def discard_prefetched() -> None:
+    """Forget the sessions `prefetch` opened that no embedder took (the command that asked for
+    them is done: a process that goes on, as a test runner does, must not keep them)."""
+    _PREFETCHED.clear()
 
 
 def _take_prefetched(path: Path, threads: int | None):

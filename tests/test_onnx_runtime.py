@@ -165,7 +165,7 @@ def test_a_prefetched_session_is_used_only_for_the_same_unchanged_file(library, 
         embedder = lib.query_embedder()
         vector = embedder.encode_texts(["a red circle"])
     assert opened == [text]  # the prefetch thread's session, not a second one
-    assert onnx_runtime._PREFETCHED == {}
+    assert str(folder / text) not in onnx_runtime._PREFETCHED
     reference = OnnxEmbedder(folder, manifest).encode_texts(["a red circle"])
     assert np.allclose(vector, reference, atol=1e-6)
     # the file changed after the prefetch began: its session is dropped, the file reopened
@@ -178,6 +178,21 @@ def test_a_prefetched_session_is_used_only_for_the_same_unchanged_file(library, 
     _, photos, _ = library
     OnnxEmbedder(folder, manifest).encode_images([Image.open(photos[0])])
     assert opened == [image.name, image.name]
+    # a command whose query fails before it encodes leaves no prefetched session behind
+    from click.testing import CliRunner
+
+    import cli
+
+    onnx_runtime.discard_prefetched()
+    started: list[bool] = []
+    real_prefetch = onnx_runtime.prefetch
+    monkeypatch.setattr(onnx_runtime, "prefetch",
+                        lambda *a, **k: started.append(real_prefetch(*a, **k)) or started[-1])
+    failed = CliRunner().invoke(cli.main, ["--home", str(home), "search", "a red circle",
+                                           "--after", "not-a-date"])
+    assert failed.exit_code == 2, failed.output
+    assert started == [True] and onnx_runtime._PREFETCHED == {}
+    monkeypatch.setattr(onnx_runtime, "prefetch", real_prefetch)
     # two exports (or none): no guess at which one the library uses
     (home / "onnx" / "other").mkdir()
     (home / "onnx" / "other" / MANIFEST).write_text(json.dumps(manifest))
