@@ -113,9 +113,7 @@ class Library:
                                f"with `clipdex index PATH` first")
         spec, dim = recorded
         precision = precision or self.settings.precision
-        runtime = self.settings.runtime
-        if runtime == "torch" or not uses_open_clip(spec) or (
-                precision == "bf16" and runtime == "auto"):
+        if not self._exports_for_queries(spec, precision):
             return self.embedder(spec, precision=precision)
         key = ("onnx:" + spec, precision)
         if key not in self._embedders:
@@ -295,6 +293,7 @@ class Library:
             recorded = (spec, dim)
         else:
             claimed = self._claim(model, precision)
+            loading.append(time.perf_counter() - started)
             dim = claimed.dim
             spec = claimed.spec
             embedder = claimed
@@ -308,11 +307,9 @@ class Library:
                 export_seconds = time.perf_counter() - export_started
                 load_started = time.perf_counter()
                 embedder = pick(spec, dim)
-                loading.append(load_started - started - export_seconds
-                               + time.perf_counter() - load_started)
+                loading.append(time.perf_counter() - load_started)
             else:
                 runtime.append("torch")
-                loading.append(time.perf_counter() - started)
         job = None if ray is None else \
             RayJob(spec, precision or self.settings.precision, ray)
         report = ingest_images(self.store, embedder, [Path(p) for p in paths], exclude=exclude,
@@ -355,13 +352,13 @@ class Library:
             ExportUnusable,
             export_folder,
             read_manifest,
-            shared_folder,
+            shared_root,
         )
 
         spec = model or self.settings.model or DEFAULT_MODEL
         if not self._exports_for_queries(spec, precision):
             return None
-        cache = shared_folder(self.settings.home / "onnx" / "-").parent
+        cache = shared_root()
         try:
             candidates = sorted(cache.iterdir())
         except OSError:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST", "TEXT_TABLE", "ExportUnusable", "OnnxEmbedder",
            "discard_prefetched", "export_folder", "pick_file", "prefetch", "read_manifest",
-           "share_export", "shared_folder", "text_inputs", "weights_stamp"]
+           "share_export", "shared_folder", "shared_root", "text_inputs", "weights_stamp"]
 
 # Bump when what index.onnx_export writes changes shape: older exports are then redone.
 EXPORT_FORMAT = 2  # 2: the text tower's token-embedding table in its own mapped file
@@ -111,12 +111,17 @@ def text_inputs(table: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
     return {"embedded": np.ascontiguousarray(table[tokens], np.float32), "tokens": tokens}
 
 
+def shared_root() -> Path:
+    """The per-user cache's folder of exports (one subfolder per export key)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("clipdex", appauthor=False)) / "onnx"
+
+
 def shared_folder(folder: Path) -> Path:
     """The per-user cache's copy of an export folder (same key): a second library of the same
     model links it instead of exporting again."""
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("clipdex", appauthor=False)) / "onnx" / folder.name
+    return shared_root() / folder.name
 
 
 def share_export(source: Path, target: Path, spec: str, dim: int) -> dict | None:
@@ -383,7 +388,7 @@ def prefetch(home: Path, tower: str, precision: str = "auto") -> bool:
     than one, a damaged file) is left for that embedder to meet and report. Whether a thread
     was started."""
     try:
-        manifests = [p for p in (home / "onnx").glob("*/" + MANIFEST)]
+        manifests = list((home / "onnx").glob("*/" + MANIFEST))
         if len(manifests) != 1:
             return False
         manifest = json.loads(manifests[0].read_text(encoding="utf-8"))
